@@ -1,0 +1,8 @@
+"""The one error type of the data layer."""
+
+
+class DataError(ValueError):
+    """Bad or unobtainable training data, raised before any training starts.
+
+    Every message names the problem and the fix (which file, which column, which setting).
+    """
