@@ -46,8 +46,8 @@ def pack_split(split: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, doma
                seq_len: int, seed: int, split_name: str) -> tuple[datasets.Dataset, dict[str, int]]:
     """Packed rows of one corpus split, and the token count (eos included) per domain."""
     domain_index = {name: i for i, name in enumerate(domains)}
-    ids_per_doc = tokenize_documents(tokenizer, split["text"])
-    doc_domains = split["domain"]
+    ids_per_doc = tokenize_documents(tokenizer, split.data.column("text").to_pylist())
+    doc_domains = split.data.column("domain").to_pylist()
     order = list(range(len(ids_per_doc)))
     random.Random(f"{seed}/{split_name}/pack").shuffle(order)
     eos = tokenizer.eos_token_id

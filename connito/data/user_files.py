@@ -68,8 +68,8 @@ def _collect(ds: datasets.Dataset, cfg: DataConfig, where: str, file_domain: str
         _check_column(ds, cfg.domain_column, "domain", "data.domain_column", where,
                       ", or to null for one domain per file")
     _check_column(ds, cfg.text_column, "text", "data.text_column", where)
-    texts = ds[cfg.text_column]
-    labels = [file_domain] * len(texts) if file_domain is not None else ds[cfg.domain_column]
+    texts = ds.data.column(cfg.text_column).to_pylist()
+    labels = [file_domain] * len(texts) if file_domain is not None else ds.data.column(cfg.domain_column).to_pylist()
     for text, label in zip(texts, labels):
         if label is None or str(label) == "":
             raise DataError(f"{where} has a row with an empty domain in column '{cfg.domain_column}'; "
