@@ -1,0 +1,3 @@
+from connito.cli.main import main
+
+main()

@@ -1,0 +1,41 @@
+"""The ``connito`` command: ``connito <command> [hydra overrides]``."""
+
+import sys
+
+USAGE = """usage: connito <command> [key=value ...] [hydra flags]
+
+commands:
+  train           train a MoE model with DeepSpeed (no arguments: the tiny quickstart on the bundled data)
+  data prepare    build the domain-labelled corpus, tokenizer and packed sequences into the cache
+
+Every command is a Hydra app: pass overrides as key=value, `--cfg job` prints the composed config,
+`-m` runs a sweep (e.g. `connito train -m optim.lr=1e-3,3e-3`), `--help` lists the config groups.
+"""
+
+
+def _run_hydra_app(app, prog: str, args: list[str]) -> None:
+    sys.argv = [prog, *args]
+    app()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        sys.exit(0 if args else 2)
+    command, rest = args[0], args[1:]
+    if command == "train":
+        from connito.cli.train_app import train_app
+
+        _run_hydra_app(train_app, "connito train", rest)
+    elif command == "data" and rest[:1] == ["prepare"]:
+        from connito.cli.data_app import data_prepare_app
+
+        _run_hydra_app(data_prepare_app, "connito data prepare", rest[1:])
+    else:
+        print(f"connito: unknown command '{' '.join(args[:2])}'\n\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

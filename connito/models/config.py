@@ -1,0 +1,25 @@
+"""Typed config of the model to train (Hydra group ``model``)."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train.
+
+    Either a tiny model of a transformers MoE family built from ``hf_config`` (random init; what the demos and
+    tests use), or a local Hugging Face checkpoint directory given by ``path`` (what users fine-tune).
+    """
+
+    name: str = "qwen3_moe_tiny"
+    """Short label used in run names and logs."""
+    family: str = "qwen3_moe"
+    """transformers ``model_type`` of the family (see ``connito.models.families.FAMILIES``)."""
+    path: str | None = None
+    """Local directory written by ``save_pretrained``. When set, ``family`` and ``hf_config`` are read from it."""
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the family's config class for a model built from scratch (vocab_size is set
+    from the tokenizer)."""
+    aux_loss_coef: float = 0.01
+    """Coefficient of the family's load-balancing loss (0 turns it off)."""

@@ -1,0 +1,78 @@
+"""Build a tiny model of a family, or load a local Hugging Face checkpoint, for training."""
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from connito.models.config import ModelConfig
+from connito.models.families import Family, ModelError, get_family
+
+log = logging.getLogger("connito.models")
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+def validate_checkpoint_dir(path: str | Path) -> dict:
+    """Check that ``path`` is a ``save_pretrained`` directory and return its parsed ``config.json``."""
+    path = Path(path).expanduser()
+    fix = "Point model.path at a directory written by save_pretrained (config.json + *.safetensors)."
+    if not path.is_dir():
+        raise ModelError(f"model.path='{path}' does not exist or is not a directory. {fix}")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelError(f"model.path='{path}' is not a Hugging Face checkpoint: it has no config.json. {fix}")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelError(f"model.path='{path}': config.json is not valid JSON ({err}). {fix}") from None
+    if "model_type" not in config:
+        raise ModelError(f"model.path='{path}': config.json has no 'model_type'. {fix}")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ModelError(
+            f"model.path='{path}' has no safetensors weights ({' or '.join(WEIGHT_FILES)}). Connito never "
+            f"unpickles weights: re-save the checkpoint with save_pretrained(..., safe_serialization=True). {fix}"
+        )
+    return config
+
+
+def resolve_family(cfg: ModelConfig) -> Family:
+    if cfg.path:
+        return get_family(validate_checkpoint_dir(cfg.path)["model_type"])
+    return get_family(cfg.family)
+
+
+def build_hf_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
+    family = resolve_family(cfg)
+    if cfg.path:
+        config = AutoConfig.from_pretrained(cfg.path, local_files_only=True)
+        if config.vocab_size < vocab_size:
+            raise ModelError(
+                f"the checkpoint at model.path has vocab_size {config.vocab_size} but the tokenizer has {vocab_size} "
+                "tokens. Tokenize with the checkpoint's own tokenizer (data.tokenizer_path=<model.path>)."
+            )
+    else:
+        try:
+            config = AutoConfig.for_model(family.model_type, **{**cfg.hf_config, "vocab_size": vocab_size})
+        except (TypeError, ValueError) as err:
+            raise ModelError(f"model.hf_config is not valid for family '{family.model_type}': {err}") from None
+    use_aux = family.has_aux_loss and cfg.aux_loss_coef > 0
+    config.output_router_logits = use_aux
+    config.router_aux_loss_coef = cfg.aux_loss_coef
+    if cfg.aux_loss_coef > 0 and not family.has_aux_loss:
+        log.info("family %s: %s; model.aux_loss_coef has no effect", family.model_type, family.notes)
+    return config
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> PreTrainedModel:
+    """The model to train, in fp32 on CPU (the engine moves and casts it)."""
+    config = build_hf_config(cfg, vocab_size)
+    if cfg.path:
+        log.info("loading checkpoint %s", cfg.path)
+        return AutoModelForCausalLM.from_pretrained(cfg.path, config=config, local_files_only=True, dtype=torch.float32)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    log.info("built %s (%s) with %.2fM parameters", cfg.name, config.model_type, model.num_parameters() / 1e6)
+    return model

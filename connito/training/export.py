@@ -1,0 +1,29 @@
+"""Write the trained model as a Hugging Face ``save_pretrained`` directory (safetensors + tokenizer)."""
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("connito.training")
+
+
+def export_hf(engine, tokenizer, out_dir: Path, is_main: bool, zero_stage: int) -> None:
+    """Collective under ZeRO-3 (all ranks gather the partitioned weights); rank 0 writes."""
+    model = engine.module
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            state_dict = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()} if is_main else None
+    else:
+        state_dict = None
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+        log.info("HF export written to %s", out_dir)
+    if dist.is_initialized():
+        dist.barrier()

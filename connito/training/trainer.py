@@ -1,0 +1,220 @@
+"""The training loop around the DeepSpeed engine.
+
+One function, :func:`run_training`, serves every launcher: a plain process, ``torchrun --nproc_per_node N``,
+the ``deepspeed`` launcher and SLURM (see :mod:`connito.training.distributed`). Data parallel over all ranks;
+ZeRO stage by config.
+"""
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from connito.data import PreparedData, prepare_data, unigram_cross_entropy
+from connito.models.loading import build_model, resolve_family
+from connito.training import checkpointing
+from connito.training.batches import PackedSplit, StepSampler
+from connito.training.config import ConnitoConfig, TrainConfig
+from connito.training.deepspeed_config import build_deepspeed_config, validate_engine
+from connito.training.distributed import DistInfo, init_distributed
+from connito.training.evaluation import evaluate_by_domain
+from connito.training.export import export_hf
+from connito.training.losses import token_cross_entropy
+from connito.training.metrics import MetricsSink
+from connito.training.progress import Progress
+from connito.training.report import format_domain_table
+from connito.training.schedule import warmup_cosine
+
+log = logging.getLogger("connito.training")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps_done: int
+    finished: bool
+    """False when the run stopped early (train.stop_after) and can be resumed."""
+    validation: dict[str, float] = field(default_factory=dict)
+    unigram: dict[str, float] = field(default_factory=dict)
+    checkpoint: Path | None = None
+    export_dir: Path | None = None
+
+
+def validate_train(train: TrainConfig) -> None:
+    for name in ("steps", "micro_batch_size", "grad_accum"):
+        if getattr(train, name) <= 0:
+            raise ValueError(f"train.{name}={getattr(train, name)} must be a positive integer")
+    if train.resume not in ("auto", "never") and not Path(train.resume).expanduser().is_dir():
+        raise ValueError(
+            f"train.resume='{train.resume}' is neither auto, never, nor an existing checkpoint directory. "
+            "Use train.resume=auto to continue the run's latest checkpoint"
+        )
+
+
+def _prepare_data_once(cfg: ConnitoConfig, info: DistInfo) -> PreparedData:
+    """Rank 0 builds the cache (downloads, tokenizer, packing); the others wait, then read it."""
+    if info.is_main:
+        prepared = prepare_data(cfg.data, progress=cfg.logging.progress)
+    if info.world_size > 1:
+        dist.barrier()
+    if not info.is_main:
+        prepared = prepare_data(cfg.data, progress=False)
+    return prepared
+
+
+def _optimizer(model: torch.nn.Module, cfg: ConnitoConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on vectors (norms, biases, routing biases)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+
+
+def _resume_point(cfg: ConnitoConfig, checkpoint_root: Path) -> Path | None:
+    if cfg.train.resume == "never":
+        if checkpointing.find_latest(checkpoint_root) is not None:
+            raise ValueError(
+                f"{checkpoint_root} already holds checkpoints and train.resume=never. Use train.resume=auto to "
+                "continue that run, or choose another run.name"
+            )
+        return None
+    if cfg.train.resume == "auto":
+        return checkpointing.find_latest(checkpoint_root)
+    return Path(cfg.train.resume).expanduser()
+
+
+def run_training(cfg: ConnitoConfig, run_dir: Path) -> TrainResult:
+    info = init_distributed(cfg.engine.backend)
+    validate_engine(cfg.engine, info.accelerator)
+    validate_train(cfg.train)
+    import deepspeed  # after init_distributed chose the accelerator
+
+    family = resolve_family(cfg.model)  # fails fast on a bad model.path before data work starts
+    prepared = _prepare_data_once(cfg, info)
+    tokenizer = prepared.load_tokenizer()
+    train_split = PackedSplit.from_dataset(prepared.load_split("train"))
+    val_split = PackedSplit.from_dataset(prepared.load_split("validation"))
+    sampler = StepSampler(
+        len(train_split), cfg.train.micro_batch_size, cfg.train.grad_accum, info.world_size, info.rank, cfg.train.seed
+    )
+
+    model = build_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.train.seed)
+    optimizer = _optimizer(model, cfg)
+    scheduler = warmup_cosine(optimizer, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
+    ds_config = build_deepspeed_config(cfg.engine, cfg.optim, cfg.train, info.world_size)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    device = engine.device
+
+    checkpoint_root = run_dir / "checkpoints"
+    state = checkpointing.TrainState()
+    resume_from = _resume_point(cfg, checkpoint_root)
+    sink = MetricsSink(
+        run_dir, info.is_main, cfg.logging.wandb, cfg.logging.wandb_project, cfg.run.name, _plain(cfg)
+    )
+    if resume_from is not None:
+        state = checkpointing.load(engine, resume_from)
+        sink.truncate_after(state.step)
+        if info.is_main:
+            log.info("resumed from %s at step %d", resume_from, state.step)
+
+    tokens_per_step = sampler.global_batch * train_split.input_ids_NT.shape[1]
+    progress = Progress(cfg.train.steps, state.step, enabled=info.is_main and cfg.logging.progress)
+    started_at, started_step = time.perf_counter(), state.step
+    result = TrainResult(run_dir=run_dir, steps_done=state.step, finished=False)
+    last_checkpoint_step = state.step if resume_from is not None else -1
+
+    def checkpoint() -> None:
+        nonlocal last_checkpoint_step
+        if last_checkpoint_step != state.step:
+            result.checkpoint = checkpointing.save(
+                engine, checkpoint_root, state, info.is_main, cfg.train.keep_checkpoints
+            )
+            last_checkpoint_step = state.step
+
+    engine.train()
+    while state.step < cfg.train.steps:
+        lm_sum, aux_sum = 0.0, 0.0
+        for micro_step in range(cfg.train.grad_accum):
+            input_ids = train_split.input_ids_NT[sampler.rows(state.step, micro_step)].to(device)
+            outputs = engine(input_ids=input_ids)
+            lm_loss = token_cross_entropy(outputs.logits, input_ids).mean()
+            aux_loss = getattr(outputs, "aux_loss", None)
+            loss = lm_loss if aux_loss is None else lm_loss + cfg.model.aux_loss_coef * aux_loss
+            engine.backward(loss)
+            engine.step()
+            lm_sum += lm_loss.item()
+            aux_sum += 0.0 if aux_loss is None else aux_loss.item()
+        state.step += 1
+        state.tokens_seen += tokens_per_step
+
+        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
+            stats = torch.tensor([lm_sum, aux_sum], dtype=torch.float64) / cfg.train.grad_accum
+            if info.world_size > 1:
+                dist.all_reduce(stats)
+                stats /= info.world_size
+            elapsed = time.perf_counter() - started_at
+            tokens_per_s = (state.step - started_step) * tokens_per_step / max(elapsed, 1e-9)
+            metrics = {"train/loss": stats[0].item(), "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tokens_per_s}
+            if aux_loss is not None:
+                metrics["train/aux_loss"] = stats[1].item()
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                metrics["train/grad_norm"] = float(grad_norm)
+            sink.log(state.step, metrics)
+            progress.update(state.step, loss=metrics["train/loss"], tokens_per_s=tokens_per_s)
+
+        if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < cfg.train.steps:
+            result.validation = _evaluate(engine, val_split, prepared, cfg, info, device)
+            sink.log(state.step, {f"val/{k}": v for k, v in result.validation.items()})
+        if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
+            checkpoint()
+        if cfg.train.stop_after and state.step - started_step >= cfg.train.stop_after and state.step < cfg.train.steps:
+            break
+    progress.close()
+    checkpoint()
+    result.steps_done = state.step
+    result.finished = state.step >= cfg.train.steps
+
+    if result.finished:
+        result.validation = _evaluate(engine, val_split, prepared, cfg, info, device)
+        sink.log(state.step, {f"val/{k}": v for k, v in result.validation.items()})
+        if info.is_main:
+            result.unigram = unigram_cross_entropy(prepared, "validation")
+        if cfg.train.export:
+            result.export_dir = run_dir / "hf"
+            export_hf(engine, tokenizer, result.export_dir, info.is_main, cfg.engine.zero_stage)
+        if info.is_main:
+            _write_summary(result, family.model_type)
+    sink.close()
+    return result
+
+
+def _evaluate(engine, val_split, prepared, cfg, info, device) -> dict[str, float]:
+    return evaluate_by_domain(
+        engine.module, val_split, prepared.domains, cfg.train.micro_batch_size, cfg.train.eval_batches,
+        info.rank, info.world_size, device,
+    )
+
+
+def _plain(cfg: ConnitoConfig) -> dict:
+    return asdict(cfg)
+
+
+def _write_summary(result: TrainResult, model_type: str) -> None:
+    summary = {
+        "model_type": model_type,
+        "steps": result.steps_done,
+        "validation_loss": result.validation,
+        "unigram_loss": result.unigram,
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
+        "hf_export": str(result.export_dir) if result.export_dir else None,
+    }
+    (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(format_domain_table(result.validation, result.unigram), flush=True)
+    print(f"checkpoint: {result.checkpoint}\nHF export:  {result.export_dir}\nmetrics:    {result.run_dir / 'metrics.jsonl'}", flush=True)

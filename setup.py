@@ -1,0 +1,51 @@
+"""Connito: modular Mixture-of-Experts training on DeepSpeed.
+
+Install torch first (``pip install torch==2.13.0`` takes the local CPU wheel on our machines), then
+``pip install -e ".[test]"``. The ranges below are the ones tested together; see README.md.
+"""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+INSTALL_REQUIRES = [
+    "torch>=2.4",
+    # AutoEP (expert parallelism) is tested on 0.19.8; later 0.19.x patch releases are accepted.
+    "deepspeed>=0.19.8,<0.20",
+    # DeepSpeed 0.19.8's AutoEP breaks on transformers 5.23.0 (_CanRecordRegistry.get() signature).
+    "transformers>=5.8,<5.23",
+    "hydra-core>=1.3.2,<1.4",
+    "omegaconf>=2.3",
+    "datasets>=3.0",
+    "tokenizers>=0.21",
+    "safetensors>=0.4",
+    "wandb>=0.18",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+    "numpy>=1.26",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "pre-commit>=3"],
+}
+
+setup(
+    name="connito",
+    version="0.1.0",
+    description="Train, inspect, adapt, compose and retire the experts of Mixture-of-Experts language models",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["connito", "connito.*"]) + ["connito._configs"],
+    # The Hydra configs live at the top level (configs/) in the source tree; an installed (non-editable)
+    # copy carries them inside the package as connito/_configs. connito.cli.paths finds either.
+    package_dir={"connito._configs": "configs"},
+    package_data={"connito._configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["connito=connito.cli.main:main"]},
+)
