@@ -30,8 +30,9 @@ class DataConfig:
             named by the file stem (``.txt`` files always use their stem).
         hub_name: Dataset name for ``source="hub"``.
         hub_split: Split of the hub dataset to read; Connito re-splits it by document.
-        max_chars_per_domain: Keep at most this many characters per domain (whole documents,
-            deterministic choice); ``0`` keeps everything. The default keeps ``prepare`` well under a minute.
+        max_chars_per_domain: Recipe only: keep at most this many characters per domain (whole
+            documents, deterministic choice independent of ``seed``); ``0`` keeps everything. The default
+            keeps ``prepare`` well under a minute. User files and hub data are always used whole.
         validation_fraction: Fraction of each domain's documents held out for validation.
         test_fraction: Fraction of each domain's documents held out for test.
         min_docs_per_split: Every domain gets at least this many documents in each split.

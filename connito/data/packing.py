@@ -61,7 +61,8 @@ def pack_split(split: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, doma
     n_rows = len(ids_N) // seq_len
     if n_rows == 0:
         raise DataError(f"split '{split_name}' has {len(ids_N)} tokens, fewer than one row of data.seq_len="
-                        f"{seq_len}; raise data.max_chars_per_domain or the split's fraction, or lower seq_len")
+                        f"{seq_len}; add text, raise data.max_chars_per_domain (recipe) or the split's fraction "
+                        "(data.validation_fraction, data.test_fraction), or lower data.seq_len")
     n_keep = n_rows * seq_len
     table = pa.table({
         "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids_N[:n_keep]), seq_len),
