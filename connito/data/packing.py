@@ -22,10 +22,12 @@ from connito.data.errors import DataError
 
 def packed_features(seq_len: int) -> datasets.Features:
     """``input_ids``: int32 x seq_len; ``domain_ids``: int16 x seq_len (fixed-size lists)."""
-    return datasets.Features({
-        "input_ids": datasets.Sequence(datasets.Value("int32"), length=seq_len),
-        "domain_ids": datasets.Sequence(datasets.Value("int16"), length=seq_len),
-    })
+    return datasets.Features(
+        {
+            "input_ids": datasets.Sequence(datasets.Value("int32"), length=seq_len),
+            "domain_ids": datasets.Sequence(datasets.Value("int16"), length=seq_len),
+        }
+    )
 
 
 def tokenize_documents(tokenizer: PreTrainedTokenizerFast, texts: list[str], batch_size: int = 512) -> list[list[int]]:
@@ -35,15 +37,21 @@ def tokenize_documents(tokenizer: PreTrainedTokenizerFast, texts: list[str], bat
     try:
         out: list[list[int]] = []
         for start in range(0, len(texts), batch_size):
-            encodings = backend.encode_batch(texts[start:start + batch_size], add_special_tokens=False)
+            encodings = backend.encode_batch(texts[start : start + batch_size], add_special_tokens=False)
             out.extend(e.ids for e in encodings)
         return out
     finally:
         backend.encode_special_tokens = False
 
 
-def pack_split(split: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, domains: tuple[str, ...],
-               seq_len: int, seed: int, split_name: str) -> tuple[datasets.Dataset, dict[str, int]]:
+def pack_split(
+    split: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerFast,
+    domains: tuple[str, ...],
+    seq_len: int,
+    seed: int,
+    split_name: str,
+) -> tuple[datasets.Dataset, dict[str, int]]:
     """Packed rows of one corpus split, and the token count (eos included) per domain."""
     domain_index = {name: i for i, name in enumerate(domains)}
     ids_per_doc = tokenize_documents(tokenizer, split.data.column("text").to_pylist())
@@ -60,14 +68,18 @@ def pack_split(split: datasets.Dataset, tokenizer: PreTrainedTokenizerFast, doma
         tokens[domains[d]] += n
     n_rows = len(ids_N) // seq_len
     if n_rows == 0:
-        raise DataError(f"split '{split_name}' has {len(ids_N)} tokens, fewer than one row of data.seq_len="
-                        f"{seq_len}; add text, raise data.max_chars_per_domain (recipe) or the split's fraction "
-                        "(data.validation_fraction, data.test_fraction), or lower data.seq_len")
+        raise DataError(
+            f"split '{split_name}' has {len(ids_N)} tokens, fewer than one row of data.seq_len="
+            f"{seq_len}; add text, raise data.max_chars_per_domain (recipe) or the split's fraction "
+            "(data.validation_fraction, data.test_fraction), or lower data.seq_len"
+        )
     n_keep = n_rows * seq_len
-    table = pa.table({
-        "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids_N[:n_keep]), seq_len),
-        "domain_ids": pa.FixedSizeListArray.from_arrays(pa.array(domain_ids_N[:n_keep]), seq_len),
-    })
+    table = pa.table(
+        {
+            "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids_N[:n_keep]), seq_len),
+            "domain_ids": pa.FixedSizeListArray.from_arrays(pa.array(domain_ids_N[:n_keep]), seq_len),
+        }
+    )
     packed = datasets.Dataset(datasets.table.InMemoryTable(table))
     assert packed.features == packed_features(seq_len), packed.features
     return packed, dict(tokens)

@@ -77,8 +77,9 @@ def config_key(cfg: DataConfig) -> str:
     fields.pop("cache_dir")
     fields["format_version"] = FORMAT_VERSION
     if cfg.source == "files":
-        fields["files"] = [(str(p), p.stat().st_size, p.stat().st_mtime_ns)
-                           for p in user_files.resolve_files(cfg.files)]
+        fields["files"] = [
+            (str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in user_files.resolve_files(cfg.files)
+        ]
     blob = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -131,8 +132,14 @@ def _summary(cfg, key, corpus, packed, domains, sources) -> dict:
         for i, d in enumerate(domains):
             per_domain[d]["tokens"] = int(counts[i])
         splits[split] = {"rows": len(packed[split]), "domains": per_domain}
-    return {"key": key, "config": dataclasses.asdict(cfg), "domains": list(domains), "seq_len": cfg.seq_len,
-            "splits": splits, "sources": sources}
+    return {
+        "key": key,
+        "config": dataclasses.asdict(cfg),
+        "domains": list(domains),
+        "seq_len": cfg.seq_len,
+        "splits": splits,
+        "sources": sources,
+    }
 
 
 def prepare_data(cfg: DataConfig, *, progress: bool = True) -> PreparedData:
@@ -171,8 +178,13 @@ def _prepare(cfg: DataConfig, level: int) -> PreparedData:
         _publish(tmp, corpus_dir)
     corpus = datasets.load_from_disk(str(corpus_dir))
     counts = {s: {d: corpus[s]["domain"].count(d) for d in domains} for s in SPLITS}
-    log.log(level, "data: corpus of %d domains, documents per split %s (%.1fs)", len(domains), counts,
-            time.perf_counter() - t0)
+    log.log(
+        level,
+        "data: corpus of %d domains, documents per split %s (%.1fs)",
+        len(domains),
+        counts,
+        time.perf_counter() - t0,
+    )
 
     t0 = time.perf_counter()
     if not tok_dir.exists():
@@ -190,8 +202,15 @@ def _prepare(cfg: DataConfig, level: int) -> PreparedData:
         for split in SPLITS:
             packed, tokens = pack_split(corpus[split], tokenizer, domains, cfg.seq_len, cfg.seed, split)
             packed.save_to_disk(str(tmp / split))
-            log.log(level, "data: packed %s: %d tokens %s -> %d rows of %d", split, sum(tokens.values()),
-                    tokens, len(packed), cfg.seq_len)
+            log.log(
+                level,
+                "data: packed %s: %d tokens %s -> %d rows of %d",
+                split,
+                sum(tokens.values()),
+                tokens,
+                len(packed),
+                cfg.seq_len,
+            )
         _publish(tmp, packed_dir)
     packed = {s: datasets.load_from_disk(str(packed_dir / s)) for s in SPLITS}
     log.log(level, "data: packing done (%.1fs)", time.perf_counter() - t0)

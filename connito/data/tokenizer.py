@@ -15,7 +15,7 @@ PAD = "<|pad|>"
 
 def _batches(ds: datasets.Dataset, batch_size: int = 1000) -> Iterator[list[str]]:
     for start in range(0, len(ds), batch_size):
-        yield ds[start:start + batch_size]["text"]
+        yield ds[start : start + batch_size]["text"]
 
 
 def train_tokenizer(train: datasets.Dataset, vocab_size: int, out_dir: Path) -> PreTrainedTokenizerFast:
@@ -35,7 +35,11 @@ def train_tokenizer(train: datasets.Dataset, vocab_size: int, out_dir: Path) -> 
     )
     tok.train_from_iterator(_batches(train), trainer=trainer, length=len(train))
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=PAD,
+        tokenizer_object=tok,
+        eos_token=EOS,
+        bos_token=EOS,
+        unk_token=EOS,
+        pad_token=PAD,
         clean_up_tokenization_spaces=False,
     )
     fast.save_pretrained(str(out_dir))

