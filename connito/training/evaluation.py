@@ -20,14 +20,16 @@ def evaluate_by_domain(
 ) -> dict[str, float]:
     """Mean next-token loss (nats/token) per domain and over all tokens ("all").
 
-    Each rank evaluates rows ``rank, rank + world, ...`` (the first ``max_batches`` micro-batches of them when
-    ``max_batches > 0``); sums are all-reduced, so every rank returns the same numbers.
+    Each rank evaluates rows ``rank, rank + world, ...``; with ``max_batches > 0`` only ``max_batches``
+    micro-batches of them, spread evenly over the split (packed rows follow documents, so the first rows would
+    all come from a few documents). Sums are all-reduced, so every rank returns the same numbers.
     """
     was_training = model.training
     model.eval()
     rows = list(range(rank, len(split), world_size))
-    if max_batches > 0:
-        rows = rows[: max_batches * micro_batch]
+    if 0 < max_batches * micro_batch < len(rows):
+        picks = torch.linspace(0, len(rows) - 1, max_batches * micro_batch).round().long().tolist()
+        rows = [rows[i] for i in picks]
     loss_sum_D = torch.zeros(len(domains), dtype=torch.float64)
     count_D = torch.zeros(len(domains), dtype=torch.float64)
     for start in range(0, len(rows), micro_batch):

@@ -4,6 +4,7 @@ import json
 import logging
 import netrc
 import os
+import uuid
 from pathlib import Path
 
 log = logging.getLogger("connito.training")
@@ -34,7 +35,7 @@ class MetricsSink:
 
         mode = os.environ.get("WANDB_MODE") or ("online" if _has_wandb_credentials() else "offline")
         id_file = run_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         run = wandb.init(
             project=project, name=run_name, id=run_id, resume="allow", dir=str(run_dir), config=config, mode=mode

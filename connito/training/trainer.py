@@ -42,6 +42,8 @@ class TrainResult:
     unigram: dict[str, float] = field(default_factory=dict)
     checkpoint: Path | None = None
     export_dir: Path | None = None
+    model: torch.nn.Module | None = None
+    """The trained model (``engine.module``; partitioned under ZeRO-3)."""
 
 
 def validate_train(train: TrainConfig) -> None:
@@ -94,6 +96,7 @@ def run_training(cfg: ConnitoConfig, run_dir: Path) -> TrainResult:
     import deepspeed  # after init_distributed chose the accelerator
 
     family = resolve_family(cfg.model)  # fails fast on a bad model.path before data work starts
+    run_dir.mkdir(parents=True, exist_ok=True)
     prepared = _prepare_data_once(cfg, info)
     tokenizer = prepared.load_tokenizer()
     train_split = PackedSplit.from_dataset(prepared.load_split("train"))
@@ -126,7 +129,7 @@ def run_training(cfg: ConnitoConfig, run_dir: Path) -> TrainResult:
     tokens_per_step = sampler.global_batch * train_split.input_ids_NT.shape[1]
     progress = Progress(cfg.train.steps, state.step, enabled=info.is_main and cfg.logging.progress)
     started_at, started_step = time.perf_counter(), state.step
-    result = TrainResult(run_dir=run_dir, steps_done=state.step, finished=False)
+    result = TrainResult(run_dir=run_dir, steps_done=state.step, finished=False, model=engine.module)
     last_checkpoint_step = state.step if resume_from is not None else -1
 
     def checkpoint() -> None:

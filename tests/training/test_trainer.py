@@ -1,0 +1,69 @@
+"""Single-process training through the real DeepSpeed engine (gloo, CPU, fp32)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from connito.models import ModelError
+from connito.training.trainer import run_training
+from tests.helpers import compose_train, small_overrides
+
+
+def losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in records if "train/loss" in r]
+
+
+def test_loss_falls_table_and_hf_export_reloads_with_identical_logits(data_cache, tmp_path):
+    cfg = compose_train(small_overrides(data_cache) + ["train.steps=40", "train.eval_every=0", "train.checkpoint_every=0", "train.eval_batches=0"])
+    result = run_training(cfg, tmp_path / "run")
+
+    assert result.finished and result.steps_done == 40
+    curve = losses(tmp_path / "run")
+    assert len(curve) == 40
+    assert sum(curve[-5:]) / 5 < curve[0] - 0.5, curve  # ln(512) = 6.24 at init
+    assert set(result.validation) == {"code", "docs", "prose", "wiki", "all"}
+    assert result.validation["all"] < result.unigram["all"] + 0.5  # 40 steps on a 512 vocab get near unigram
+
+    reloaded = AutoModelForCausalLM.from_pretrained(result.export_dir, local_files_only=True).eval()
+    trained = result.model.eval()
+    input_ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=input_ids).logits, trained(input_ids=input_ids).logits)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["hf_export"] == str(result.export_dir)
+    assert (result.export_dir / "tokenizer.json").is_file()
+
+
+def test_resume_after_interrupt_gives_a_bit_identical_loss_curve(data_cache, tmp_path):
+    common = small_overrides(data_cache) + ["train.steps=8", "train.checkpoint_every=4", "train.eval_every=0"]
+    straight = run_training(compose_train(common), tmp_path / "straight")
+
+    first = run_training(compose_train(common + ["train.stop_after=3"]), tmp_path / "interrupted")
+    assert not first.finished and first.steps_done == 3
+    assert (tmp_path / "interrupted" / "checkpoints" / "latest").read_text() == "step_000003"
+    second = run_training(compose_train(common), tmp_path / "interrupted")  # train.resume=auto
+    assert second.finished
+
+    assert losses(tmp_path / "interrupted") == losses(tmp_path / "straight")
+    expected = straight.model.state_dict()
+    for name, value in second.model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
+def test_resume_never_refuses_a_run_directory_with_checkpoints(data_cache, tmp_path):
+    common = small_overrides(data_cache) + ["train.steps=2", "train.eval_every=0", "train.export=false"]
+    run_training(compose_train(common), tmp_path / "run")
+    with pytest.raises(ValueError, match="already holds checkpoints and train.resume=never"):
+        run_training(compose_train(common + ["train.resume=never"]), tmp_path / "run")
+
+
+def test_model_path_that_is_not_a_checkpoint_stops_before_any_data_work(tmp_path):
+    (tmp_path / "notamodel").mkdir()
+    cfg = compose_train(small_overrides(tmp_path / "cache") + [f"model.path={tmp_path / 'notamodel'}"])
+    with pytest.raises(ModelError, match="is not a Hugging Face checkpoint: it has no config.json"):
+        run_training(cfg, tmp_path / "run")
+    assert not (tmp_path / "cache").exists()
