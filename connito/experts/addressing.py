@@ -63,7 +63,7 @@ class ExpertMask:
                 f"{tuple(mask_LE.shape)}"
             )
         self._mask_LE = mask_LE.detach().to("cpu", copy=True)
-        self.moe_layers: tuple[int, ...] = tuple(sorted(set(int(i) for i in moe_layers)))
+        self.moe_layers: tuple[int, ...] = tuple(sorted({int(i) for i in moe_layers}))
         num_layers = self._mask_LE.shape[0]
         for layer in self.moe_layers:
             if not 0 <= layer < num_layers:

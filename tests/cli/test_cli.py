@@ -1,0 +1,61 @@
+"""The `connito` command as a user runs it: usage, bad input before any training, a Hydra sweep."""
+
+import json
+
+import pytest
+
+from tests.helpers import run_cli, small_overrides
+
+
+def test_no_command_prints_usage_and_fails():
+    proc = run_cli([], cwd=".")
+    assert proc.returncode == 2
+    assert "usage: connito <command>" in proc.stdout
+
+
+def test_unknown_command_names_itself():
+    proc = run_cli(["trian"], cwd=".")
+    assert proc.returncode == 2
+    assert "connito: unknown command 'trian'" in proc.stderr
+
+
+def test_a_config_key_that_does_not_exist_stops_the_job(tmp_path):
+    proc = run_cli(["train", "train.stepz=10"], cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "Could not override 'train.stepz'" in proc.stderr
+    assert "Key 'stepz' not in 'TrainConfig'" in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_data_files_stop_before_training(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    proc = run_cli(
+        ["train", "data.source=files", f"data.files=[{missing}]", f"data.cache_dir={tmp_path / 'cache'}", "logging.wandb=false"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 1
+    assert "nope.jsonl" in proc.stderr and "DataError" in proc.stderr
+    assert not list((tmp_path / "runs").glob("*/checkpoints"))
+
+
+def test_model_path_that_is_not_a_checkpoint_stops_with_the_fix(tmp_path):
+    proc = run_cli(["train", f"model.path={tmp_path}", "logging.wandb=false"], cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "is not a Hugging Face checkpoint: it has no config.json" in proc.stderr
+    assert "save_pretrained" in proc.stderr
+
+
+def test_data_prepare_command(data_cache, tmp_path):
+    proc = run_cli(["data", "prepare", *small_overrides(data_cache)[:4]], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"prepared data in {data_cache}" in proc.stdout
+
+
+@pytest.mark.slow
+def test_multirun_sweep_trains_one_run_per_value(data_cache, tmp_path):
+    args = ["train", "-m", "optim.lr=1e-3,3e-3", "train.steps=3", "train.eval_every=0", "train.export=false"]
+    proc = run_cli(args + small_overrides(data_cache), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = sorted((tmp_path / "runs").glob("quickstart-sweep/*/summary.json"))
+    assert len(summaries) == 2
+    assert all(json.loads(p.read_text())["steps"] == 3 for p in summaries)

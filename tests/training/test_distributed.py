@@ -1,0 +1,42 @@
+"""Data-parallel training on 2 gloo ranks under torchrun."""
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO, clean_env, small_overrides
+
+pytestmark = pytest.mark.distributed
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(nproc: int, run_dir, overrides: list[str]) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+        str(REPO / "tests" / "training" / "dist_worker.py"), str(run_dir), *overrides,
+    ]
+    return subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_two_ranks_learn_and_hold_identical_parameters(data_cache, tmp_path, zero_stage):
+    overrides = small_overrides(data_cache) + [
+        "train.steps=12", "train.eval_every=0", "train.export=false", f"engine=zero{zero_stage}",
+    ]
+    proc = torchrun(2, tmp_path / "run", overrides)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    digests = [json.loads((tmp_path / "run" / f"params_rank{r}.json").read_text()) for r in (0, 1)]
+    assert digests[0] == digests[1]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    curve = [r["train/loss"] for r in records if "train/loss" in r]
+    assert len(curve) == 12
+    assert sum(curve[-3:]) / 3 < curve[0] - 0.2, curve
