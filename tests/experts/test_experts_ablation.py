@@ -3,6 +3,7 @@
 Routing is observed with forward hooks on the router and the MoE block (the model is never edited).
 """
 
+import pytest
 import torch
 
 from connito.experts import ExpertId, adapter_for
@@ -25,7 +26,11 @@ def _capture(adapter, model, layer, input_ids):
     return seen["topk_ids_TK"].clone(), seen["out_TH"].clone()
 
 
-def test_zeroing_one_expert_changes_only_its_tokens(tiny_model):
+@pytest.mark.parametrize("experts_implementation", ["grouped_mm", "eager"])
+def test_zeroing_one_expert_changes_only_its_tokens(tiny_model, experts_implementation):
+    """Under both transformers expert kernels (grouped_mm is the CPU default, eager the per-expert loop)."""
+    tiny_model.set_experts_implementation(experts_implementation)
+    assert tiny_model.config._experts_implementation == experts_implementation
     adapter = adapter_for(tiny_model)
     layer = max(adapter.moe_layers(tiny_model))
     input_ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(1))
