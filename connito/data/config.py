@@ -37,6 +37,9 @@ class DataConfig:
         test_fraction: Fraction of each domain's documents held out for test.
         min_docs_per_split: Every domain gets at least this many documents in each split.
         vocab_size: Size of the byte-level BPE vocabulary trained on the train split.
+        tokenizer_path: A transformers tokenizer directory to use instead of training one (e.g. the
+            checkpoint's own when fine-tuning ``model.path``; ``connito train`` fills it in from ``model.path``
+            when that directory holds a tokenizer). ``vocab_size`` is then ignored.
         seq_len: Tokens per packed row.
         seed: Seed of the document split and of the document shuffle before packing.
     """
@@ -54,6 +57,7 @@ class DataConfig:
     test_fraction: float = 0.05
     min_docs_per_split: int = 1
     vocab_size: int = 4096
+    tokenizer_path: str = ""
     seq_len: int = 256
     seed: int = 0
 

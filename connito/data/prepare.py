@@ -32,7 +32,7 @@ from connito.data.config import DataConfig
 from connito.data.corpus import SPLITS, build_corpus
 from connito.data.errors import DataError
 from connito.data.packing import pack_split
-from connito.data.tokenizer import train_tokenizer
+from connito.data.tokenizer import copy_tokenizer, train_tokenizer
 
 log = logging.getLogger("connito.data")
 
@@ -189,12 +189,16 @@ def _prepare(cfg: DataConfig, level: int) -> PreparedData:
     t0 = time.perf_counter()
     if not tok_dir.exists():
         tmp = _tmp(tok_dir)
-        train_tokenizer(corpus["train"], cfg.vocab_size, tmp)
+        if cfg.tokenizer_path:
+            copy_tokenizer(cfg.tokenizer_path, tmp)
+        else:
+            train_tokenizer(corpus["train"], cfg.vocab_size, tmp)
         _publish(tmp, tok_dir)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    log.log(level, "data: byte-level BPE tokenizer, %d tokens (%.1fs)", len(tokenizer), time.perf_counter() - t0)
+    kind = f"tokenizer from {cfg.tokenizer_path}" if cfg.tokenizer_path else "byte-level BPE tokenizer"
+    log.log(level, "data: %s, %d tokens (%.1fs)", kind, len(tokenizer), time.perf_counter() - t0)
 
     t0 = time.perf_counter()
     if not packed_dir.exists():

@@ -44,3 +44,26 @@ def train_tokenizer(train: datasets.Dataset, vocab_size: int, out_dir: Path) -> 
     )
     fast.save_pretrained(str(out_dir))
     return fast
+
+
+def copy_tokenizer(source: str | Path, out_dir: Path):
+    """Use an existing transformers tokenizer directory (e.g. a checkpoint's own) instead of training one."""
+    from transformers import AutoTokenizer
+
+    from connito.data.errors import DataError
+
+    source = Path(source).expanduser()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise DataError(
+            f"data.tokenizer_path='{source}' is not a transformers tokenizer directory ({err}). Point it at a "
+            "directory written by tokenizer.save_pretrained, or leave it empty to train a BPE on the corpus"
+        ) from None
+    if tokenizer.eos_token_id is None:
+        raise DataError(
+            f"the tokenizer at data.tokenizer_path='{source}' has no eos token, which packing puts between "
+            "documents. Set one (tokenizer.eos_token = ...) and save it again"
+        )
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer

@@ -38,6 +38,11 @@ def validate_checkpoint_dir(path: str | Path) -> dict:
     return config
 
 
+def has_tokenizer(path: str | Path) -> bool:
+    path = Path(path).expanduser()
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+
+
 def resolve_family(cfg: ModelConfig) -> Family:
     if cfg.path:
         return get_family(validate_checkpoint_dir(cfg.path)["model_type"])

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from connito.data import PreparedData, prepare_data, unigram_cross_entropy
-from connito.models.loading import build_model, resolve_family
+from connito.models.loading import build_model, has_tokenizer, resolve_family
 from connito.training import checkpointing
 from connito.training.batches import PackedSplit, StepSampler
 from connito.training.config import ConnitoConfig, TrainConfig
@@ -58,7 +58,15 @@ def validate_train(train: TrainConfig) -> None:
 
 
 def _prepare_data_once(cfg: ConnitoConfig, info: DistInfo) -> PreparedData:
-    """Rank 0 builds the cache (downloads, tokenizer, packing); the others wait, then read it."""
+    """Rank 0 builds the cache (downloads, tokenizer, packing); the others wait, then read it.
+
+    Fine-tuning a checkpoint that ships a tokenizer tokenizes with that tokenizer unless data.tokenizer_path
+    says otherwise.
+    """
+    if cfg.model.path and not cfg.data.tokenizer_path and has_tokenizer(cfg.model.path):
+        cfg.data.tokenizer_path = cfg.model.path
+        if info.is_main:
+            log.info("tokenizing with the checkpoint's tokenizer (%s)", cfg.model.path)
     if info.is_main:
         prepared = prepare_data(cfg.data, progress=cfg.logging.progress)
     if info.world_size > 1:

@@ -67,3 +67,17 @@ def test_model_path_that_is_not_a_checkpoint_stops_before_any_data_work(tmp_path
     with pytest.raises(ModelError, match="is not a Hugging Face checkpoint: it has no config.json"):
         run_training(cfg, tmp_path / "run")
     assert not (tmp_path / "cache").exists()
+
+
+def test_fine_tuning_a_local_checkpoint_starts_from_its_weights_and_tokenizer(data_cache, tmp_path):
+    base = small_overrides(data_cache) + ["train.eval_every=0", "train.checkpoint_every=0"]
+    first = run_training(compose_train(base + ["train.steps=30"]), tmp_path / "pretrain")
+    tuned = run_training(
+        compose_train(base + ["train.steps=2", f"model.path={first.export_dir}", "data.vocab_size=300"]),
+        tmp_path / "finetune",
+    )
+    start_loss = losses(tmp_path / "finetune")[0]
+    assert abs(start_loss - losses(tmp_path / "pretrain")[-1]) < 0.3  # continues, not ln(vocab) = 6.2
+    assert len(AutoModelForCausalLM.from_pretrained(tuned.export_dir).get_input_embeddings().weight) == len(
+        first.model.get_input_embeddings().weight
+    )
