@@ -1,5 +1,6 @@
 """The ``connito`` command: ``connito <command> [hydra overrides]``."""
 
+import os
 import sys
 
 USAGE = """usage: connito <command> [key=value ...] [hydra flags]
@@ -18,8 +19,19 @@ def _run_hydra_app(app, prog: str, args: list[str]) -> None:
     app()
 
 
+def _absorb_local_rank(args: list[str]) -> list[str]:
+    """The deepspeed launcher may append --local_rank=N (unless --no_local_rank): keep it out of Hydra."""
+    kept = []
+    for arg in args:
+        if arg.startswith("--local_rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        else:
+            kept.append(arg)
+    return kept
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else list(argv)
+    args = _absorb_local_rank(sys.argv[1:] if argv is None else list(argv))
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         sys.exit(0 if args else 2)
