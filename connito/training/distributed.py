@@ -87,4 +87,6 @@ def init_distributed(backend: str = "auto") -> DistInfo:
     )
     if info.is_main:
         log.info("distributed: world %d, backend %s, accelerator %s", info.world_size, backend, accelerator)
+    else:  # one voice: the other ranks only report warnings and errors
+        logging.getLogger("connito").setLevel(logging.WARNING)
     return info

@@ -59,3 +59,22 @@ def test_multirun_sweep_trains_one_run_per_value(data_cache, tmp_path):
     summaries = sorted((tmp_path / "runs").glob("quickstart-sweep/*/summary.json"))
     assert len(summaries) == 2
     assert all(json.loads(p.read_text())["steps"] == 3 for p in summaries)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("script", ["deepspeed_single_node.sh", "torchrun_single_node.sh"])
+def test_launch_scripts_train_on_two_ranks(data_cache, tmp_path, script):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.helpers import REPO, clean_env
+
+    env = clean_env(NPROC="2", MASTER_PORT="29671", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    args = ["train.steps=3", "train.eval_every=0", "train.export=false", *small_overrides(data_cache)]
+    proc = subprocess.run([str(REPO / "launch" / script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "distributed: world 2" in proc.stdout + proc.stderr
+    assert json.loads((tmp_path / "runs" / "quickstart" / "summary.json").read_text())["steps"] == 3
