@@ -35,6 +35,17 @@ class EngineConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Model parallelism beyond data parallelism (Hydra group ``parallel``)."""
+
+    ep_size: int = 1
+    """Expert parallelism through DeepSpeed AutoEP: each rank holds E / ep_size routed experts of every MoE layer
+    (and their optimizer state); tokens reach their experts by a dropless all-to-all. 1 turns it off. The world
+    size must be a multiple of ep_size; every rank still reads its own micro-batch (data parallel over all ranks)
+    and expert gradients are reduced over the world_size / ep_size ranks holding the same experts."""
+
+
+@dataclass
 class TrainConfig:
     steps: int = 500
     micro_batch_size: int = 8
@@ -85,5 +96,6 @@ class ConnitoConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

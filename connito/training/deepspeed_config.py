@@ -1,6 +1,7 @@
 """Turn Connito's typed configs into a DeepSpeed config dict, refusing combinations the engine cannot honour."""
 
-from connito.training.config import EngineConfig, OptimConfig, TrainConfig
+from connito.parallel.expert_parallel import autoep_section
+from connito.training.config import EngineConfig, OptimConfig, ParallelConfig, TrainConfig
 
 
 class EngineConfigError(ValueError):
@@ -30,7 +31,18 @@ def validate_engine(engine: EngineConfig, accelerator: str) -> None:
             )
 
 
-def build_deepspeed_config(engine: EngineConfig, optim: OptimConfig, train: TrainConfig, world_size: int) -> dict:
+def build_deepspeed_config(
+    engine: EngineConfig,
+    optim: OptimConfig,
+    train: TrainConfig,
+    world_size: int,
+    parallel: ParallelConfig | None = None,
+    model_type: str | None = None,
+) -> dict:
+    """The DeepSpeed config. ``train_batch_size`` counts every rank: under expert parallelism (AutoEP) each rank
+    still runs the non-expert model on its own micro-batch, so the data-parallel degree is the world size.
+    ``parallel.ep_size > 1`` adds AutoEP's ``"expert_parallel"`` section with the family's preset
+    (validate first with :func:`connito.parallel.validate_expert_parallel`)."""
     zero: dict = {"stage": engine.zero_stage}
     if engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -49,4 +61,8 @@ def build_deepspeed_config(engine: EngineConfig, optim: OptimConfig, train: Trai
         config["gradient_clipping"] = optim.grad_clip
     if engine.precision == "bf16":
         config["bf16"] = {"enabled": True}
+    if parallel is not None and parallel.ep_size > 1:
+        if model_type is None:
+            raise ValueError("build_deepspeed_config needs the model_type for parallel.ep_size > 1")
+        config["expert_parallel"] = autoep_section(model_type, parallel.ep_size)
     return config

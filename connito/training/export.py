@@ -6,13 +6,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from connito.parallel.expert_parallel import build_hf_model, gather_hf_state_dict, is_expert_parallel
+
 log = logging.getLogger("connito.training")
 
 
 def export_hf(engine, tokenizer, out_dir: Path, is_main: bool, zero_stage: int) -> None:
-    """Collective under ZeRO-3 (all ranks gather the partitioned weights); rank 0 writes."""
+    """Collective under ZeRO-3 (all ranks gather the partitioned weights) and under expert parallelism (all ranks
+    gather their expert shards into the family's fused layout); rank 0 writes."""
     model = engine.module
-    if zero_stage == 3:
+    if is_expert_parallel(model):
+        state_dict = gather_hf_state_dict(model)  # collective over each expert-parallel group
+        if is_main:
+            model = build_hf_model(model, state_dict)  # plain transformers blocks, every expert
+        state_dict = None
+    elif zero_stage == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):

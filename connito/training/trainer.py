@@ -2,7 +2,8 @@
 
 One function, :func:`run_training`, serves every launcher: a plain process, ``torchrun --nproc_per_node N``,
 the ``deepspeed`` launcher and SLURM (see :mod:`connito.training.distributed`). Data parallel over all ranks;
-ZeRO stage by config.
+ZeRO stage by config; expert parallelism (``parallel.ep_size``) through DeepSpeed AutoEP, which keeps every rank
+reading its own micro-batch (see :mod:`connito.parallel.expert_parallel`).
 """
 
 import json
@@ -16,6 +17,7 @@ import torch.distributed as dist
 
 from connito.data import PreparedData, prepare_data, unigram_cross_entropy
 from connito.models.loading import build_model, has_tokenizer, resolve_family
+from connito.parallel.expert_parallel import num_routed_experts, validate_expert_parallel
 from connito.training import checkpointing
 from connito.training.batches import PackedSplit, StepSampler
 from connito.training.config import ConnitoConfig, TrainConfig
@@ -43,7 +45,9 @@ class TrainResult:
     checkpoint: Path | None = None
     export_dir: Path | None = None
     model: torch.nn.Module | None = None
-    """The trained model (``engine.module``; partitioned under ZeRO-3)."""
+    """The trained model (``engine.module``; partitioned under ZeRO-3, expert-sharded under parallel.ep_size>1)."""
+    engine: object | None = None
+    """The DeepSpeed engine (optimizer state, checkpoints)."""
 
 
 def validate_train(train: TrainConfig) -> None:
@@ -104,6 +108,11 @@ def run_training(cfg: ConnitoConfig, run_dir: Path) -> TrainResult:
     import deepspeed  # after init_distributed chose the accelerator
 
     family = resolve_family(cfg.model)  # fails fast on a bad model.path before data work starts
+    if cfg.parallel.ep_size != 1:
+        validate_expert_parallel(
+            cfg.parallel.ep_size, info.world_size, family.model_type, num_routed_experts(cfg.model),
+            cfg.engine.zero_stage,
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared = _prepare_data_once(cfg, info)
     tokenizer = prepared.load_tokenizer()
@@ -116,7 +125,9 @@ def run_training(cfg: ConnitoConfig, run_dir: Path) -> TrainResult:
     model = build_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.train.seed)
     optimizer = _optimizer(model, cfg)
     scheduler = warmup_cosine(optimizer, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
-    ds_config = build_deepspeed_config(cfg.engine, cfg.optim, cfg.train, info.world_size)
+    ds_config = build_deepspeed_config(
+        cfg.engine, cfg.optim, cfg.train, info.world_size, cfg.parallel, family.model_type
+    )
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
@@ -137,7 +148,7 @@ def run_training(cfg: ConnitoConfig, run_dir: Path) -> TrainResult:
     tokens_per_step = sampler.global_batch * train_split.input_ids_NT.shape[1]
     progress = Progress(cfg.train.steps, state.step, enabled=info.is_main and cfg.logging.progress)
     started_at, started_step = time.perf_counter(), state.step
-    result = TrainResult(run_dir=run_dir, steps_done=state.step, finished=False, model=engine.module)
+    result = TrainResult(run_dir=run_dir, steps_done=state.step, finished=False, model=engine.module, engine=engine)
     last_checkpoint_step = state.step if resume_from is not None else -1
 
     def checkpoint() -> None:
@@ -207,6 +218,11 @@ def run_training(cfg: ConnitoConfig, run_dir: Path) -> TrainResult:
 
 
 def _evaluate(engine, val_split, prepared, cfg, info, device) -> dict[str, float]:
+    if cfg.parallel.ep_size > 1:
+        # Every forward is an all-to-all over the expert-parallel group: all ranks must run the same number of
+        # micro-batches, so drop the last len % world rows (at most world - 1).
+        keep = len(val_split) - len(val_split) % info.world_size
+        val_split = PackedSplit(val_split.input_ids_NT[:keep], val_split.domain_ids_NT[:keep])
     return evaluate_by_domain(
         engine.module, val_split, prepared.domains, cfg.train.micro_batch_size, cfg.train.eval_batches,
         info.rank, info.world_size, device,
