@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.helpers import REPO, clean_env, small_overrides
 
@@ -40,3 +41,23 @@ def test_two_ranks_learn_and_hold_identical_parameters(data_cache, tmp_path, zer
     curve = [r["train/loss"] for r in records if "train/loss" in r]
     assert len(curve) == 12
     assert sum(curve[-3:]) / 3 < curve[0] - 0.2, curve
+
+
+def test_zero3_on_two_ranks_exports_the_model_it_trained(data_cache, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from connito.data import prepare_data
+    from connito.training.batches import PackedSplit
+    from connito.training.evaluation import evaluate_by_domain
+    from tests.helpers import compose_train
+
+    overrides = small_overrides(data_cache) + ["train.steps=6", "train.eval_every=0", "train.eval_batches=0", "engine=zero3"]
+    proc = torchrun(2, tmp_path / "run", overrides)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    measured = json.loads((tmp_path / "run" / "summary.json").read_text())["validation_loss"]
+    prepared = prepare_data(compose_train(overrides).data, progress=False)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf", local_files_only=True)
+    split = PackedSplit.from_dataset(prepared.load_split("validation"))
+    recomputed = evaluate_by_domain(reloaded, split, prepared.domains, 4, 0, rank=0, world_size=1, device=torch.device("cpu"))
+    assert recomputed == pytest.approx(measured, rel=1e-5)
