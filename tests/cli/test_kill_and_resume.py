@@ -1,0 +1,43 @@
+"""A training process killed with SIGKILL resumes, by rerunning the same command, onto the exact loss curve of
+an uninterrupted run."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from tests.helpers import clean_env, small_overrides
+
+
+def curve(run_dir) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in records if "train/loss" in r]
+
+
+def test_sigkill_then_rerun_reproduces_the_uninterrupted_loss_curve(data_cache, tmp_path):
+    args = [
+        "train", "train.steps=14", "train.checkpoint_every=3", "train.eval_every=0", "train.export=false",
+        *small_overrides(data_cache),
+    ]
+    command = [sys.executable, "-m", "connito", *args]
+    straight = subprocess.run(command + ["run.name=straight"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    victim = subprocess.Popen(command + ["run.name=killed"], cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "runs" / "killed" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and victim.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 7:
+            break
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    latest = (tmp_path / "runs" / "killed" / "checkpoints" / "latest").read_text()
+    assert latest in {"step_000003", "step_000006"}
+
+    resumed = subprocess.run(command + ["run.name=killed"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert curve(tmp_path / "runs" / "killed") == curve(tmp_path / "runs" / "straight")
