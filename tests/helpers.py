@@ -46,6 +46,10 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "connito", *args], cwd=cwd, env=clean_env(**env), capture_output=True, text=True,
+        [sys.executable, "-m", "connito", *args],
+        cwd=cwd,
+        env=clean_env(**env),
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )

@@ -30,7 +30,13 @@ def test_a_config_key_that_does_not_exist_stops_the_job(tmp_path):
 def test_missing_data_files_stop_before_training(tmp_path):
     missing = tmp_path / "nope.jsonl"
     proc = run_cli(
-        ["train", "data.source=files", f"data.files=[{missing}]", f"data.cache_dir={tmp_path / 'cache'}", "logging.wandb=false"],
+        [
+            "train",
+            "data.source=files",
+            f"data.files=[{missing}]",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "logging.wandb=false",
+        ],
         cwd=tmp_path,
     )
     assert proc.returncode == 1
@@ -74,7 +80,9 @@ def test_launch_scripts_train_on_two_ranks(data_cache, tmp_path, script):
 
     env = clean_env(NPROC="2", MASTER_PORT="29671", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     args = ["train.steps=3", "train.eval_every=0", "train.export=false", *small_overrides(data_cache)]
-    proc = subprocess.run([str(REPO / "launch" / script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(REPO / "launch" / script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "distributed: world 2" in proc.stdout + proc.stderr
     assert json.loads((tmp_path / "runs" / "quickstart" / "summary.json").read_text())["steps"] == 3

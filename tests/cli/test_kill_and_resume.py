@@ -17,14 +17,26 @@ def curve(run_dir) -> list[float]:
 
 def test_sigkill_then_rerun_reproduces_the_uninterrupted_loss_curve(data_cache, tmp_path):
     args = [
-        "train", "train.steps=14", "train.checkpoint_every=3", "train.eval_every=0", "train.export=false",
+        "train",
+        "train.steps=14",
+        "train.checkpoint_every=3",
+        "train.eval_every=0",
+        "train.export=false",
         *small_overrides(data_cache),
     ]
     command = [sys.executable, "-m", "connito", *args]
-    straight = subprocess.run(command + ["run.name=straight"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
+    straight = subprocess.run(
+        command + ["run.name=straight"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300
+    )
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    victim = subprocess.Popen(command + ["run.name=killed"], cwd=tmp_path, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = subprocess.Popen(
+        command + ["run.name=killed"],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     metrics = tmp_path / "runs" / "killed" / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and victim.poll() is None:
@@ -37,7 +49,9 @@ def test_sigkill_then_rerun_reproduces_the_uninterrupted_loss_curve(data_cache, 
     latest = (tmp_path / "runs" / "killed" / "checkpoints" / "latest").read_text()
     assert latest in {"step_000003", "step_000006"}
 
-    resumed = subprocess.run(command + ["run.name=killed"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        command + ["run.name=killed"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
     assert curve(tmp_path / "runs" / "killed") == curve(tmp_path / "runs" / "straight")

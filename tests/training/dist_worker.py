@@ -25,7 +25,9 @@ def main() -> None:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     rank = dist.get_rank()
-    (run_dir / f"params_rank{rank}.json").write_text(json.dumps({"sha256": digest.hexdigest(), "steps": result.steps_done}))
+    (run_dir / f"params_rank{rank}.json").write_text(
+        json.dumps({"sha256": digest.hexdigest(), "steps": result.steps_done})
+    )
     dist.barrier()
     dist.destroy_process_group()
 

@@ -21,8 +21,16 @@ def free_port() -> int:
 
 def torchrun(nproc: int, run_dir, overrides: list[str]) -> subprocess.CompletedProcess:
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-        str(REPO / "tests" / "training" / "dist_worker.py"), str(run_dir), *overrides,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "training" / "dist_worker.py"),
+        str(run_dir),
+        *overrides,
     ]
     return subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
 
@@ -30,7 +38,10 @@ def torchrun(nproc: int, run_dir, overrides: list[str]) -> subprocess.CompletedP
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_two_ranks_learn_and_hold_identical_parameters(data_cache, tmp_path, zero_stage):
     overrides = small_overrides(data_cache) + [
-        "train.steps=12", "train.eval_every=0", "train.export=false", f"engine=zero{zero_stage}",
+        "train.steps=12",
+        "train.eval_every=0",
+        "train.export=false",
+        f"engine=zero{zero_stage}",
     ]
     proc = torchrun(2, tmp_path / "run", overrides)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -51,7 +62,12 @@ def test_zero3_on_two_ranks_exports_the_model_it_trained(data_cache, tmp_path):
     from connito.training.evaluation import evaluate_by_domain
     from tests.helpers import compose_train
 
-    overrides = small_overrides(data_cache) + ["train.steps=6", "train.eval_every=0", "train.eval_batches=0", "engine=zero3"]
+    overrides = small_overrides(data_cache) + [
+        "train.steps=6",
+        "train.eval_every=0",
+        "train.eval_batches=0",
+        "engine=zero3",
+    ]
     proc = torchrun(2, tmp_path / "run", overrides)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -59,5 +75,7 @@ def test_zero3_on_two_ranks_exports_the_model_it_trained(data_cache, tmp_path):
     prepared = prepare_data(compose_train(overrides).data, progress=False)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf", local_files_only=True)
     split = PackedSplit.from_dataset(prepared.load_split("validation"))
-    recomputed = evaluate_by_domain(reloaded, split, prepared.domains, 4, 0, rank=0, world_size=1, device=torch.device("cpu"))
+    recomputed = evaluate_by_domain(
+        reloaded, split, prepared.domains, 4, 0, rank=0, world_size=1, device=torch.device("cpu")
+    )
     assert recomputed == pytest.approx(measured, rel=1e-5)

@@ -11,9 +11,17 @@ from connito.training.deepspeed_config import EngineConfigError, build_deepspeed
     [
         (EngineConfig(zero_stage=4), "cpu", r"engine.zero_stage=4 does not exist: use 0, 1, 2 or 3"),
         (EngineConfig(precision="fp16"), "cpu", r"engine.precision='fp16' is not supported: use fp32 or bf16"),
-        (EngineConfig(zero_stage=3, offload_optimizer=True), "cuda", r"engine.zero_stage=3 with engine.offload_optimizer=true is not supported"),
+        (
+            EngineConfig(zero_stage=3, offload_optimizer=True),
+            "cuda",
+            r"engine.zero_stage=3 with engine.offload_optimizer=true is not supported",
+        ),
         (EngineConfig(zero_stage=0, offload_optimizer=True), "cuda", r"offload_optimizer=true needs ZeRO"),
-        (EngineConfig(zero_stage=2, offload_optimizer=True), "cpu", r"on the CPU accelerator everything is already in host memory"),
+        (
+            EngineConfig(zero_stage=2, offload_optimizer=True),
+            "cpu",
+            r"on the CPU accelerator everything is already in host memory",
+        ),
     ],
 )
 def test_bad_engine_settings_are_refused(engine, accelerator, message):
@@ -23,7 +31,10 @@ def test_bad_engine_settings_are_refused(engine, accelerator, message):
 
 def test_deepspeed_config_carries_batch_clip_and_stage():
     config = build_deepspeed_config(
-        EngineConfig(zero_stage=2, precision="bf16"), OptimConfig(grad_clip=0.5), TrainConfig(micro_batch_size=4, grad_accum=3), world_size=2
+        EngineConfig(zero_stage=2, precision="bf16"),
+        OptimConfig(grad_clip=0.5),
+        TrainConfig(micro_batch_size=4, grad_accum=3),
+        world_size=2,
     )
     assert config["train_batch_size"] == 24
     assert config["gradient_clipping"] == 0.5

@@ -18,7 +18,10 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def test_loss_falls_table_and_hf_export_reloads_with_identical_logits(data_cache, tmp_path):
-    cfg = compose_train(small_overrides(data_cache) + ["train.steps=40", "train.eval_every=0", "train.checkpoint_every=0", "train.eval_batches=0"])
+    cfg = compose_train(
+        small_overrides(data_cache)
+        + ["train.steps=40", "train.eval_every=0", "train.checkpoint_every=0", "train.eval_batches=0"]
+    )
     result = run_training(cfg, tmp_path / "run")
 
     assert result.finished and result.steps_done == 40
