@@ -38,6 +38,13 @@ def validate_checkpoint_dir(path: str | Path) -> dict:
     return config
 
 
+def tokenizer_token_ids(tokenizer) -> dict[str, int]:
+    """The bos/eos/pad ids a new model's config should carry for this tokenizer."""
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    ids["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {k: v for k, v in ids.items() if v is not None}
+
+
 def has_tokenizer(path: str | Path) -> bool:
     path = Path(path).expanduser()
     return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
@@ -49,7 +56,9 @@ def resolve_family(cfg: ModelConfig) -> Family:
     return get_family(cfg.family)
 
 
-def build_hf_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
+def build_hf_config(cfg: ModelConfig, vocab_size: int, token_ids: dict[str, int] | None = None) -> PretrainedConfig:
+    """The HF config to train with. ``token_ids`` (bos/eos/pad ids of the tokenizer) replace a new model's
+    defaults, which are the ids of the family's original vocabulary and may not even exist in ours."""
     family = resolve_family(cfg)
     if cfg.path:
         config = AutoConfig.from_pretrained(cfg.path, local_files_only=True)
@@ -60,7 +69,9 @@ def build_hf_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
             )
     else:
         try:
-            config = AutoConfig.for_model(family.model_type, **{**cfg.hf_config, "vocab_size": vocab_size})
+            config = AutoConfig.for_model(
+                family.model_type, **{**cfg.hf_config, **(token_ids or {}), "vocab_size": vocab_size}
+            )
         except (TypeError, ValueError) as err:
             raise ModelError(f"model.hf_config is not valid for family '{family.model_type}': {err}") from None
     use_aux = family.has_aux_loss and cfg.aux_loss_coef > 0
@@ -71,9 +82,11 @@ def build_hf_config(cfg: ModelConfig, vocab_size: int) -> PretrainedConfig:
     return config
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> PreTrainedModel:
+def build_model(
+    cfg: ModelConfig, vocab_size: int, seed: int, token_ids: dict[str, int] | None = None
+) -> PreTrainedModel:
     """The model to train, in fp32 on CPU (the engine moves and casts it)."""
-    config = build_hf_config(cfg, vocab_size)
+    config = build_hf_config(cfg, vocab_size, token_ids)
     if cfg.path:
         log.info("loading checkpoint %s", cfg.path)
         return AutoModelForCausalLM.from_pretrained(cfg.path, config=config, local_files_only=True, dtype=torch.float32)

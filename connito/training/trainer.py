@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from connito.data import PreparedData, prepare_data, unigram_cross_entropy
-from connito.models.loading import build_model, has_tokenizer, resolve_family
+from connito.models.loading import build_model, has_tokenizer, resolve_family, tokenizer_token_ids
 from connito.parallel.expert_parallel import num_routed_experts, validate_expert_parallel
 from connito.training import checkpointing
 from connito.training.batches import PackedSplit, StepSampler
@@ -122,7 +122,7 @@ def run_training(cfg: ConnitoConfig, run_dir: Path) -> TrainResult:
         len(train_split), cfg.train.micro_batch_size, cfg.train.grad_accum, info.world_size, info.rank, cfg.train.seed
     )
 
-    model = build_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.train.seed)
+    model = build_model(cfg.model, len(tokenizer), cfg.train.seed, token_ids=tokenizer_token_ids(tokenizer))
     optimizer = _optimizer(model, cfg)
     scheduler = warmup_cosine(optimizer, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
     ds_config = build_deepspeed_config(
