@@ -84,3 +84,21 @@ def test_fine_tuning_a_local_checkpoint_starts_from_its_weights_and_tokenizer(da
     assert len(AutoModelForCausalLM.from_pretrained(tuned.export_dir).get_input_embeddings().weight) == len(
         first.model.get_input_embeddings().weight
     )
+
+
+@pytest.mark.parametrize(
+    "model", sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs" / "model").glob("*.yaml"))
+)
+def test_every_model_config_trains_through_the_engine(data_cache, tmp_path, model):
+    overrides = small_overrides(data_cache) + [
+        f"model={model}",
+        "train.steps=8",
+        "optim.warmup_steps=2",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        "train.export=false",
+    ]
+    result = run_training(compose_train(overrides), tmp_path / "run")
+    curve = losses(tmp_path / "run")
+    assert result.finished and len(curve) == 8
+    assert curve[-1] < curve[0] - 0.05, curve
