@@ -34,7 +34,6 @@ from torch import nn
 
 from connito.experts import adapter_for
 from connito.models.config import ModelConfig
-from connito.models.families import get_family
 
 log = logging.getLogger("connito.parallel")
 
@@ -126,7 +125,9 @@ def validate_expert_parallel(
 ) -> None:
     """Every check that needs no model: run it before data preparation and model building."""
     if ep_size < 1:
-        raise ExpertParallelError(f"parallel.ep_size={ep_size} must be a positive integer (1 turns expert parallelism off)")
+        raise ExpertParallelError(
+            f"parallel.ep_size={ep_size} must be a positive integer (1 turns expert parallelism off)"
+        )
     if ep_size == 1:
         return
     family = AUTOEP_FAMILIES.get(model_type)
@@ -220,7 +221,9 @@ def gather_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for key in [k for k in state if k.startswith(prefix + ".")]:
             del state[key]
         if layer.ep_group is None:
-            raise RuntimeError(f"AutoEP layer {prefix} has no expert-parallel group: run it through deepspeed.initialize")
+            raise RuntimeError(
+                f"AutoEP layer {prefix} has no expert-parallel group: run it through deepspeed.initialize"
+            )
         expected = list(range(layer.ep_rank * layer.num_local_experts, (layer.ep_rank + 1) * layer.num_local_experts))
         from deepspeed.checkpoint.autoep_affine import autoep_experts_for_rank
 
@@ -281,7 +284,7 @@ def build_hf_model(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Modul
     tied = {k for k in missing if k in reference and any(reference[k] is v for j, v in reference.items() if j != k)}
     if set(missing) - tied or unexpected:
         raise RuntimeError(
-            f"gathered expert-parallel state does not fit {type(fresh).__name__}: missing {sorted(set(missing) - tied)}, "
-            f"unexpected {sorted(unexpected)}"
+            f"gathered expert-parallel state does not fit {type(fresh).__name__}: "
+            f"missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}"
         )
     return fresh.eval()
