@@ -245,8 +245,10 @@ def gather_hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         bias = getattr(layer.router, "e_score_correction_bias", None)
         if bias is not None:
             state[f"{router}.e_score_correction_bias"] = bias.detach().cpu().clone()
-        for module, attr in ((layer.shared_experts, layout.shared_experts_attr),
-                             (layer.shared_experts_gate, layout.shared_expert_gate_attr)):
+        for module, attr in (
+            (layer.shared_experts, layout.shared_experts_attr),
+            (layer.shared_experts_gate, layout.shared_expert_gate_attr),
+        ):
             if module is None:
                 continue
             if attr is None:

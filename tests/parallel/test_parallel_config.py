@@ -88,8 +88,9 @@ def test_installed_versions_are_in_range():
 
 def test_the_cli_refuses_before_preparing_data(tmp_path):
     cache = tmp_path / "cache"
-    proc = run_cli(["train", *small_overrides(cache), f"run.root={tmp_path}", "parallel.ep_size=2"], cwd=tmp_path,
-                   timeout=120)
+    proc = run_cli(
+        ["train", *small_overrides(cache), f"run.root={tmp_path}", "parallel.ep_size=2"], cwd=tmp_path, timeout=120
+    )
     assert proc.returncode != 0
     assert "does not divide the world size 1" in proc.stderr + proc.stdout
     assert not cache.exists()

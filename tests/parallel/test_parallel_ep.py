@@ -42,12 +42,24 @@ class Runs:
         if key not in self.done:
             run_dir = self.root / f"run{len(self.done)}"
             args = small_overrides(self.cache) + [
-                f"train.steps={STEPS}", "train.eval_every=0", "train.eval_batches=1",
-                f"train.export={str(export).lower()}", f"train.micro_batch_size={micro_batch}", *overrides,
+                f"train.steps={STEPS}",
+                "train.eval_every=0",
+                "train.eval_batches=1",
+                f"train.export={str(export).lower()}",
+                f"train.micro_batch_size={micro_batch}",
+                *overrides,
             ]
             command = [
-                sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(free_port()), str(WORKER), str(run_dir), *args,
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                str(nproc),
+                "--master_port",
+                str(free_port()),
+                str(WORKER),
+                str(run_dir),
+                *args,
             ]
             proc = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
             assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-6000:])
@@ -68,8 +80,9 @@ def runs(tmp_path_factory, data_cache):
 
 def assert_same_curve(reference: list[float], other: list[float]) -> None:
     assert len(reference) == len(other) == STEPS
-    torch.testing.assert_close(torch.tensor(other, dtype=torch.float64), torch.tensor(reference, dtype=torch.float64),
-                               rtol=RTOL, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(other, dtype=torch.float64), torch.tensor(reference, dtype=torch.float64), rtol=RTOL, atol=0
+    )
 
 
 def test_qwen3_moe_ep2_matches_ep1_and_holds_half_the_experts_per_rank(runs):
