@@ -14,7 +14,13 @@ Every command is a Hydra app: pass overrides as key=value, `--cfg job` prints th
 """
 
 
-def _run_hydra_app(app, prog: str, args: list[str]) -> None:
+def _run_hydra_app(app, prog: str, args: list[str], schema) -> None:
+    from connito.cli.overrides import unknown_key_message
+
+    message = unknown_key_message(schema, args, prog.removeprefix("connito "))
+    if message:
+        print(message, file=sys.stderr)
+        sys.exit(1)
     sys.argv = [prog, *args]
     app()
 
@@ -38,12 +44,14 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = args[0], args[1:]
     if command == "train":
         from connito.cli.train_app import train_app
+        from connito.training.config import ConnitoConfig
 
-        _run_hydra_app(train_app, "connito train", rest)
+        _run_hydra_app(train_app, "connito train", rest, ConnitoConfig)
     elif command == "data" and rest[:1] == ["prepare"]:
         from connito.cli.data_app import data_prepare_app
+        from connito.cli.schema import DataPrepareConfig
 
-        _run_hydra_app(data_prepare_app, "connito data prepare", rest[1:])
+        _run_hydra_app(data_prepare_app, "connito data prepare", rest[1:], DataPrepareConfig)
     else:
         print(f"connito: unknown command '{' '.join(args[:2])}'\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)

@@ -19,12 +19,22 @@ def test_unknown_command_names_itself():
     assert "connito: unknown command 'trian'" in proc.stderr
 
 
-def test_a_config_key_that_does_not_exist_stops_the_job(tmp_path):
+def test_a_config_key_that_does_not_exist_stops_the_job_and_names_the_key_meant(tmp_path):
     proc = run_cli(["train", "train.stepz=10"], cwd=tmp_path)
     assert proc.returncode == 1
-    assert "Could not override 'train.stepz'" in proc.stderr
-    assert "Key 'stepz' not in 'TrainConfig'" in proc.stderr
+    assert "connito train: 'train.stepz' is not a Connito option. Did you mean 'train.steps'?" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_section_and_free_form_model_keys(tmp_path):
+    from connito.cli.overrides import unknown_key_message
+    from connito.training.config import ConnitoConfig
+
+    assert "'optimizer' is not a Connito option. Did you mean 'optim'?" in unknown_key_message(
+        ConnitoConfig, ["optimizer.lr=1"], "train"
+    )
+    assert unknown_key_message(ConnitoConfig, ["model.hf_config.rope_theta=1e6", "model=olmoe_tiny"], "train") is None
+    assert unknown_key_message(ConnitoConfig, ["hydra.run.dir=x", "+extra=1", "-m"], "train") is None
 
 
 def test_missing_data_files_stop_before_training(tmp_path):
