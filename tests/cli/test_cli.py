@@ -79,8 +79,15 @@ def test_multirun_sweep_trains_one_run_per_value(data_cache, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("script", ["deepspeed_single_node.sh", "torchrun_single_node.sh"])
-def test_launch_scripts_train_on_two_ranks(data_cache, tmp_path, script):
+@pytest.mark.parametrize(
+    ("script", "extra"),
+    [
+        pytest.param("deepspeed_single_node.sh", [], id="deepspeed"),
+        pytest.param("torchrun_single_node.sh", [], id="torchrun"),
+        pytest.param("deepspeed_single_node.sh", ["parallel.ep_size=2"], id="deepspeed-ep2"),
+    ],
+)
+def test_launch_scripts_train_on_two_ranks(data_cache, tmp_path, script, extra):
     import os
     import subprocess
     import sys
@@ -89,7 +96,7 @@ def test_launch_scripts_train_on_two_ranks(data_cache, tmp_path, script):
     from tests.helpers import REPO, clean_env
 
     env = clean_env(NPROC="2", MASTER_PORT="29671", PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    args = ["train.steps=3", "train.eval_every=0", "train.export=false", *small_overrides(data_cache)]
+    args = ["train.steps=3", "train.eval_every=0", "train.export=false", *extra, *small_overrides(data_cache)]
     proc = subprocess.run(
         [str(REPO / "launch" / script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
