@@ -3,7 +3,10 @@
 Layout under ``<run_dir>/checkpoints``::
 
     step_000250/            DeepSpeed's files (model, optimizer, scheduler, per rank) + connito_state.json
+                            (the loop's state and the parallel layout that wrote it)
     step_000250/COMPLETE    written by rank 0 after every rank finished writing
+    step_000250/universal/  only after a resume under another layout: DeepSpeed's universal checkpoint
+                            (see :mod:`connito.training.relayout`)
     latest                  the tag of the newest COMPLETE checkpoint, replaced atomically
 
 A kill at any moment leaves ``latest`` naming a complete checkpoint (or absent): the marker is written only
@@ -15,7 +18,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch.distributed as dist
@@ -57,8 +60,11 @@ def is_complete(checkpoint: Path) -> bool:
     return (checkpoint / MARKER).is_file() and (checkpoint / STATE_FILE).is_file()
 
 
-def save(engine, checkpoint_root: Path, state: TrainState, is_main: bool, keep: int) -> Path:
-    """Collective: every rank must call it."""
+def save(
+    engine, checkpoint_root: Path, state: TrainState, is_main: bool, keep: int, layout: dict | None = None
+) -> Path:
+    """Collective: every rank must call it. ``layout`` (ep_size, world_size, zero_stage, model_type) is recorded
+    in ``connito_state.json`` so a resume under another layout knows what to convert."""
     tag = tag_for(state.step)
     target = checkpoint_root / tag
     if is_main:
@@ -68,7 +74,8 @@ def save(engine, checkpoint_root: Path, state: TrainState, is_main: bool, keep: 
     _barrier()
     engine.save_checkpoint(str(checkpoint_root), tag=tag, save_latest=False)
     if is_main:
-        _write_atomic(target / STATE_FILE, json.dumps(asdict(state)))
+        record = asdict(state) if layout is None else {**asdict(state), "layout": layout}
+        _write_atomic(target / STATE_FILE, json.dumps(record))
     _barrier()  # every rank's shards are on disk
     if is_main:
         _write_atomic(target / MARKER, "")
@@ -99,14 +106,30 @@ def find_latest(checkpoint_root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load(engine, checkpoint: Path) -> TrainState:
-    """Collective: restore model, optimizer and scheduler state, and return the loop's state."""
+def require_complete(checkpoint: Path) -> None:
     if not is_complete(checkpoint):
         raise FileNotFoundError(
             f"{checkpoint} is not a complete Connito checkpoint (no {MARKER} marker or {STATE_FILE}). "
             "Point train.resume at a step_* directory that has both, or use train.resume=auto"
         )
-    load_path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+
+
+def load(engine, checkpoint: Path, universal: Path | None = None) -> TrainState:
+    """Collective: restore model, optimizer and scheduler state, and return the loop's state.
+
+    ``universal``: the checkpoint's universal conversion (:func:`connito.training.relayout.prepare_universal`),
+    loaded instead of DeepSpeed's own files; the engine must run with ``"checkpoint": {"load_universal": true}``.
+    """
+    require_complete(checkpoint)
+    if universal is None:
+        load_path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    else:
+        from connito.training.relayout import restore_groups, snapshot_groups
+
+        groups = snapshot_groups(engine)
+        load_path, _ = engine.load_checkpoint(str(universal.parent), tag=universal.name)
+        restore_groups(engine, groups)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {checkpoint}")
-    return TrainState(**json.loads((checkpoint / STATE_FILE).read_text()))
+    record = json.loads((checkpoint / STATE_FILE).read_text())
+    return TrainState(**{f.name: record[f.name] for f in fields(TrainState) if f.name in record})

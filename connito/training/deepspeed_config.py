@@ -38,11 +38,13 @@ def build_deepspeed_config(
     world_size: int,
     parallel: ParallelConfig | None = None,
     model_type: str | None = None,
+    load_universal: bool = False,
 ) -> dict:
     """The DeepSpeed config. ``train_batch_size`` counts every rank: under expert parallelism (AutoEP) each rank
     still runs the non-expert model on its own micro-batch, so the data-parallel degree is the world size.
     ``parallel.ep_size > 1`` adds AutoEP's ``"expert_parallel"`` section with the family's preset
-    (validate first with :func:`connito.parallel.validate_expert_parallel`)."""
+    (validate first with :func:`connito.parallel.validate_expert_parallel`). ``load_universal``: the run resumes a
+    checkpoint through its universal conversion (:mod:`connito.training.relayout`)."""
     zero: dict = {"stage": engine.zero_stage}
     if engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
@@ -65,4 +67,6 @@ def build_deepspeed_config(
         if model_type is None:
             raise ValueError("build_deepspeed_config needs the model_type for parallel.ep_size > 1")
         config["expert_parallel"] = autoep_section(model_type, parallel.ep_size)
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     return config

@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 
 from connito.data import PreparedData, prepare_data, unigram_cross_entropy
+from connito.experts import adapter_for
 from connito.models.loading import build_model, has_tokenizer, resolve_family, tokenizer_token_ids
 from connito.parallel.expert_parallel import num_routed_experts, validate_expert_parallel
-from connito.training import checkpointing
+from connito.training import checkpointing, relayout
 from connito.training.batches import PackedSplit, StepSampler
 from connito.training.config import ConnitoConfig, TrainConfig
 from connito.training.deepspeed_config import build_deepspeed_config, validate_engine
@@ -80,11 +81,21 @@ def _prepare_data_once(cfg: ConnitoConfig, info: DistInfo) -> PreparedData:
     return prepared
 
 
-def _optimizer(model: torch.nn.Module, cfg: ConnitoConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on vectors (norms, biases, routing biases)."""
+def _optimizer(model: torch.nn.Module, cfg: ConnitoConfig, split_moe: bool = False) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on vectors (norms, biases, routing biases).
+
+    ``split_moe``: put expert parameters (AutoEP's, after the replacement) in their own ``moe`` groups, which
+    DeepSpeed's ZeRO-1/2 and bf16 optimizers need to reduce them over the expert-data-parallel group."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.optim.weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    if split_moe:
+        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+        groups = [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
 
 
@@ -113,6 +124,15 @@ def run_training(cfg: ConnitoConfig, run_dir: Path) -> TrainResult:
             cfg.parallel.ep_size, info.world_size, family.model_type, num_routed_experts(cfg.model),
             cfg.engine.zero_stage,
         )
+    # Resume point and layout check before any work: a checkpoint this run cannot load stops here.
+    checkpoint_root = run_dir / "checkpoints"
+    resume_from = _resume_point(cfg, checkpoint_root)
+    layout = relayout.Layout(cfg.parallel.ep_size, info.world_size, cfg.engine.zero_stage, family.model_type)
+    saved_layout, convert = None, False
+    if resume_from is not None:
+        checkpointing.require_complete(resume_from)
+        saved_layout = relayout.read_layout(resume_from)
+        convert = relayout.plan_resume(saved_layout, layout)
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared = _prepare_data_once(cfg, info)
     tokenizer = prepared.load_tokenizer()
@@ -123,24 +143,38 @@ def run_training(cfg: ConnitoConfig, run_dir: Path) -> TrainResult:
     )
 
     model = build_model(cfg.model, len(tokenizer), cfg.train.seed, token_ids=tokenizer_token_ids(tokenizer))
-    optimizer = _optimizer(model, cfg)
-    scheduler = warmup_cosine(optimizer, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
+    if cfg.parallel.ep_size > 1 and (cfg.engine.zero_stage > 0 or cfg.engine.precision == "bf16"):
+        # DeepSpeed builds the optimizer after AutoEP replaced the MoE blocks, so the expert groups hold the
+        # live expert-parallel parameters.
+        def optimizer(_params):
+            return _optimizer(model, cfg, split_moe=True)
+
+        def scheduler(opt):
+            return warmup_cosine(opt, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
+    else:
+        optimizer = _optimizer(model, cfg)
+        scheduler = warmup_cosine(optimizer, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
+    universal = None
+    if convert:  # rank 0 converts once; the others wait
+        hf_shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+        universal = relayout.prepare_universal(
+            resume_from, saved_layout, layout, hf_shapes, adapter_for(family.model_type).layout, info.is_main
+        )
     ds_config = build_deepspeed_config(
-        cfg.engine, cfg.optim, cfg.train, info.world_size, cfg.parallel, family.model_type
+        cfg.engine, cfg.optim, cfg.train, info.world_size, cfg.parallel, family.model_type,
+        load_universal=universal is not None,
     )
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     device = engine.device
 
-    checkpoint_root = run_dir / "checkpoints"
     state = checkpointing.TrainState()
-    resume_from = _resume_point(cfg, checkpoint_root)
     sink = MetricsSink(
         run_dir, info.is_main, cfg.logging.wandb, cfg.logging.wandb_project, cfg.run.name, _plain(cfg)
     )
     if resume_from is not None:
-        state = checkpointing.load(engine, resume_from)
+        state = checkpointing.load(engine, resume_from, universal=universal)
         sink.truncate_after(state.step)
         if info.is_main:
             log.info("resumed from %s at step %d", resume_from, state.step)
@@ -155,7 +189,7 @@ def run_training(cfg: ConnitoConfig, run_dir: Path) -> TrainResult:
         nonlocal last_checkpoint_step
         if last_checkpoint_step != state.step:
             result.checkpoint = checkpointing.save(
-                engine, checkpoint_root, state, info.is_main, cfg.train.keep_checkpoints
+                engine, checkpoint_root, state, info.is_main, cfg.train.keep_checkpoints, layout.to_json()
             )
             last_checkpoint_step = state.step
 

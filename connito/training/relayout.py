@@ -1,0 +1,331 @@
+"""Resuming a checkpoint under another parallel layout (``parallel.ep_size``, world size, ZeRO stage).
+
+Every checkpoint records the layout that wrote it (``connito_state.json`` -> ``layout``: ep_size, world_size,
+zero_stage, model_type). On resume, :func:`plan_resume` compares it with the current run's:
+
+* same layout (or a checkpoint written before layouts were recorded): DeepSpeed loads it as it always did;
+* a layout DeepSpeed cannot load directly (another ``ep_size``; under ZeRO 1/2 also another world size or ZeRO
+  stage): rank 0 converts the checkpoint once into DeepSpeed's topology-agnostic *universal checkpoint*
+  (``deepspeed.checkpoint.ds_to_universal``, AutoEP-aware: it consolidates the per-rank expert shards and their
+  ZeRO-1/2 Adam state into whole ``[E, ...]`` tensors) at ``<checkpoint>/universal``, atomically, and every rank
+  loads it with ``"checkpoint": {"load_universal": true}``, which slices each rank's experts and ZeRO partition
+  back out. Parameters and AdamW state (fp32 master, exp_avg, exp_avg_sq, step) come back identical.
+
+What Connito adds on top of DeepSpeed's converter:
+
+* **Names.** AutoEP layers and the plain transformers blocks name the same tensors differently: AutoEP holds
+  ``experts.w1`` (gate) / ``experts.w3`` (up) / ``experts.w2`` (down) [E, I, H] / [E, H, I] and
+  ``router.gate.*``; transformers holds ``experts.gate_up_proj`` [E, 2I, H] (gate rows first),
+  ``experts.down_proj`` and ``<router_attr>.*`` (plus family names for shared experts). ep_size 1 runs the plain
+  blocks, so :func:`add_name_aliases` writes every tensor of the universal folder under both names (elementwise
+  optimizer states follow the same concatenation), whichever side wrote it.
+* **Optimizer groups.** DeepSpeed copies the checkpoint's param-group settings onto the current groups by
+  position, and expert groups differ across layouts (``name: ep_size_N``, none at ep 1). :func:`restore_groups`
+  puts the current run's group settings back after the load and recomputes each group's learning rate from the
+  restored scheduler (what a same-layout resume would have read from the checkpoint).
+
+What is refused, before any work, with the fix in the message (:class:`CheckpointLayoutError`):
+
+* ZeRO stage 0 on either side of a conversion. DeepSpeed's universal path needs ZeRO 1/2 (or 3) shards:
+  ``ds_to_universal.main`` builds a ``DeepSpeedCheckpoint`` whose ``ZeROCheckpoint`` reads ``zero_pp_rank_*``
+  optimizer files, which a stage-0 run does not write; and a stage-0 engine restores nothing from a universal
+  folder (``engine.load_checkpoint`` skips the module weights under ``load_universal`` and loads the ``zero/``
+  folder only when ``zero_optimization()`` is on). Re-laying stage-0 checkpoints by hand (weights and the client
+  optimizer's per-index AdamW state) is possible but would fork DeepSpeed's checkpoint format; Connito does not.
+  Same-ep stage-0 checkpoints still resume at another world size (DeepSpeed loads them directly).
+* ZeRO stage 3 conversions (Connito does not run AutoEP under ZeRO-3, and the ZeRO-3 universal path is untested
+  here), and a checkpoint of another model family.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("connito.training")
+
+UNIVERSAL = "universal"
+UNIVERSAL_MARKER = "CONVERTED"
+STATES = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+class CheckpointLayoutError(ValueError):
+    """A checkpoint that cannot be resumed under the current layout; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    ep_size: int
+    world_size: int
+    zero_stage: int
+    model_type: str
+
+    def describe(self) -> str:
+        return (
+            f"ep_size {self.ep_size}, world size {self.world_size}, ZeRO stage {self.zero_stage} "
+            f"({self.model_type})"
+        )
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def read_layout(checkpoint: Path) -> Layout | None:
+    """The layout recorded in a checkpoint's ``connito_state.json``; None for checkpoints written before."""
+    from connito.training.checkpointing import STATE_FILE
+
+    path = checkpoint / STATE_FILE
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text()).get("layout")
+    return Layout(**saved) if saved else None
+
+
+def plan_resume(saved: Layout | None, current: Layout) -> bool:
+    """True when the checkpoint must be converted to a universal checkpoint; raises when it cannot be resumed."""
+    if saved is None or saved == current:
+        return False
+    if saved.model_type != current.model_type:
+        raise CheckpointLayoutError(
+            f"the checkpoint holds a '{saved.model_type}' model, this run builds '{current.model_type}'. Resume "
+            "with the model config that wrote it, or start a new run (another run.name or train.resume=never)"
+        )
+    needs = (
+        saved.ep_size != current.ep_size
+        or saved.zero_stage != current.zero_stage
+        or (saved.world_size != current.world_size and current.zero_stage > 0)
+    )
+    if not needs:  # ZeRO 0, same ep_size: DeepSpeed loads the replicated weights and optimizer directly
+        return False
+    what = f"checkpoint written at {saved.describe()} cannot be resumed at {current.describe()}"
+    if saved.zero_stage == 0 or current.zero_stage == 0:
+        raise CheckpointLayoutError(
+            f"{what}: changing the layout goes through DeepSpeed's universal checkpoints, which need ZeRO stage 1 "
+            "or 2 on both sides (a ZeRO-0 checkpoint has no ZeRO optimizer shards to convert, and a ZeRO-0 engine "
+            f"loads nothing from a universal checkpoint). Resume at parallel.ep_size={saved.ep_size} "
+            f"engine.zero_stage={saved.zero_stage}" + ("" if saved.zero_stage else
+            " (any world size that is a multiple of it)") + ", or train with engine=zero1 (or zero2) from the start"
+        )
+    if 3 in (saved.zero_stage, current.zero_stage):
+        raise CheckpointLayoutError(
+            f"{what}: Connito converts checkpoints between ZeRO stage 1 and 2 layouts only. Resume at "
+            f"parallel.ep_size={saved.ep_size} engine.zero_stage={saved.zero_stage} on {saved.world_size} ranks"
+        )
+    return True
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def prepare_universal(checkpoint: Path, saved: Layout, current: Layout, hf_shapes: dict, layout, is_main: bool) -> Path:
+    """Collective: rank 0 converts ``checkpoint`` into ``<checkpoint>/universal`` once (atomically); all wait.
+
+    ``hf_shapes``: parameter name -> shape of the plain transformers model of this run (before AutoEP), which
+    says how the family stores fused experts. ``layout``: the family's :class:`connito.experts.adapter.MoELayout`.
+    """
+    target = checkpoint / UNIVERSAL
+    error: list[str] = [""]
+    if is_main and not (target / UNIVERSAL_MARKER).is_file():
+        log.info(
+            "converting %s (%s) into a universal checkpoint for %s", checkpoint, saved.describe(), current.describe()
+        )
+        try:
+            _convert(checkpoint, target, hf_shapes, layout)
+        except Exception as exc:  # noqa: BLE001 - reported on every rank below
+            error[0] = f"{type(exc).__name__}: {exc}"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise RuntimeError(f"converting {checkpoint} to a universal checkpoint failed: {error[0]}")
+    if is_main and (target / UNIVERSAL_MARKER).is_file():
+        log.info("resuming %s through its universal checkpoint %s", checkpoint, target)
+    return target
+
+
+def _convert(checkpoint: Path, target: Path, hf_shapes: dict, layout) -> None:
+    from types import SimpleNamespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = checkpoint / f".{UNIVERSAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(target, ignore_errors=True)
+    args = SimpleNamespace(
+        input_folder=str(checkpoint),
+        output_folder=str(tmp),
+        num_extract_workers=1,  # no process pool inside a training rank
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # non-AutoEP checkpoints carry no universal_checkpoint_info
+    )
+    output = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+            ds_to_universal(args)
+    except Exception as exc:
+        raise RuntimeError(f"{exc}\n{output.getvalue()[-3000:]}") from exc
+    (checkpoint / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer to the tmp name
+    add_name_aliases(tmp / "zero", hf_shapes, layout)
+    (tmp / UNIVERSAL_MARKER).write_text("")
+    os.replace(tmp, target)
+
+
+# -- AutoEP <-> transformers names in a universal folder ------------------------------------------------------
+
+
+def _load(folder: Path, state: str):
+    path = folder / f"{state}.pt"
+    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+
+
+def _write(folder: Path, state: str, payload) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, folder / f"{state}.pt")
+
+
+def _copy_step(sources: list[Path], dest: Path) -> None:
+    for source in sources:
+        if (source / "step.pt").is_file():
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / "step.pt", dest / "step.pt")
+            return
+
+
+def _alias(zero: Path, source: str, dest: str) -> None:
+    """Same tensor, another name (router, shared experts)."""
+    if not (zero / source).is_dir() or (zero / dest).exists():
+        return
+    for state in STATES:
+        payload = _load(zero / source, state)
+        if payload is not None:
+            _write(zero / dest, state, {"param": payload["param"]} if isinstance(payload, dict) else payload)
+    _copy_step([zero / source], zero / dest)
+
+
+def _param(payload) -> torch.Tensor:
+    return payload["param"] if isinstance(payload, dict) else payload
+
+
+def add_name_aliases(zero: Path, hf_shapes: dict, layout) -> None:
+    """Write every AutoEP tensor of a universal ``zero/`` folder under its transformers name too, and back.
+
+    A folder holds ``fp32.pt`` (and ``exp_avg.pt``, ``exp_avg_sq.pt``, ``step.pt`` where the optimizer holds
+    state). ``hf_shapes`` gives the transformers shapes (some classes store fused experts transposed).
+    """
+    names = {p.name for p in zero.iterdir() if p.is_dir()}
+    experts_attr, router_attr = layout.experts_attr, layout.router_attr
+    renamed = [("shared_experts", layout.shared_experts_attr), ("shared_experts_gate", layout.shared_expert_gate_attr)]
+
+    # AutoEP -> transformers
+    for name in sorted(names):
+        match = re.fullmatch(r"(.*)\.experts\.w1", name)
+        if not match:
+            continue
+        block = match.group(1)
+        w1, w2, w3 = (zero / f"{block}.experts.{w}" for w in ("w1", "w2", "w3"))
+        gate_up, down = f"{block}.{experts_attr}.gate_up_proj", f"{block}.{experts_attr}.down_proj"
+        if gate_up not in names:
+            for state in STATES:
+                gate, up = _load(w1, state), _load(w3, state)
+                if gate is None or up is None:
+                    continue
+                fused = torch.cat([_param(gate), _param(up)], dim=1)  # [E, 2I, H], gate rows first
+                if gate_up in hf_shapes and tuple(hf_shapes[gate_up]) != tuple(fused.shape):
+                    fused = fused.transpose(1, 2).contiguous()
+                _write(zero / gate_up, state, {"param": fused})
+            _copy_step([w1, w3], zero / gate_up)
+        if down not in names:
+            for state in STATES:
+                payload = _load(w2, state)
+                if payload is None:
+                    continue
+                tensor = _param(payload)
+                if down in hf_shapes and tuple(hf_shapes[down]) != tuple(tensor.shape):
+                    tensor = tensor.transpose(1, 2).contiguous()
+                _write(zero / down, state, {"param": tensor})
+            _copy_step([w2], zero / down)
+        for sub in [n for n in names if n.startswith(f"{block}.router.gate.")]:
+            _alias(zero, sub, f"{block}.{router_attr}." + sub[len(f"{block}.router.gate."):])
+        for autoep_attr, hf_attr in renamed:
+            if hf_attr and hf_attr != autoep_attr:
+                for sub in [n for n in names if n.startswith(f"{block}.{autoep_attr}.")]:
+                    _alias(zero, sub, f"{block}.{hf_attr}." + sub[len(f"{block}.{autoep_attr}."):])
+
+    # transformers -> AutoEP
+    for name in sorted(names):
+        match = re.fullmatch(rf"(.*)\.{re.escape(experts_attr)}\.gate_up_proj", name)
+        if not match or f"{match.group(1)}.experts.w1" in names:
+            continue
+        block = match.group(1)
+        source_up, source_down = zero / name, zero / f"{block}.{experts_attr}.down_proj"
+        for state in STATES:
+            fused, down = _load(source_up, state), _load(source_down, state)
+            if fused is None or down is None:
+                continue
+            fused, down = _param(fused), _param(down)
+            if not (fused.shape[1] == 2 * down.shape[2] and fused.shape[2] == down.shape[1]):
+                # not [E, 2I, H] / [E, H, I]: the class stores them transposed, [E, H, 2I] / [E, I, H]
+                fused, down = fused.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+            width = fused.shape[1] // 2
+            num_experts = fused.shape[0]
+            for w, tensor in (("w1", fused[:, :width]), ("w3", fused[:, width:]), ("w2", down)):
+                _write(
+                    zero / f"{block}.experts.{w}",
+                    state,
+                    {"param": tensor.contiguous(), "cat_dim": 0, "is_expert_param": True, "ep_num_experts": num_experts},
+                )
+        for w in ("w1", "w2", "w3"):
+            _copy_step([source_up, source_down], zero / f"{block}.experts.{w}")
+        for sub in [n for n in names if n.startswith(f"{block}.{router_attr}.")]:
+            rest = sub[len(f"{block}.{router_attr}."):]
+            _alias(zero, sub, f"{block}.router.gate.{rest}")
+            _alias(zero, sub, f"{block}.gate.gate.{rest}")
+        for autoep_attr, hf_attr in renamed:
+            if hf_attr and hf_attr != autoep_attr:
+                for sub in [n for n in names if n.startswith(f"{block}.{hf_attr}.")]:
+                    _alias(zero, sub, f"{block}.{autoep_attr}." + sub[len(f"{block}.{hf_attr}."):])
+
+
+# -- after the load ------------------------------------------------------------------------------------------
+
+
+def snapshot_groups(engine) -> list[dict]:
+    """The current run's optimizer group settings (everything but the parameters)."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in _groups(engine)]
+
+
+def _groups(engine) -> list[dict]:
+    optimizer = engine.optimizer
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner.param_groups
+
+
+def restore_groups(engine, snapshot: list[dict]) -> None:
+    """Undo DeepSpeed's positional copy of the checkpoint's group settings; learning rates from the scheduler."""
+    groups = _groups(engine)
+    for group, saved in zip(groups, snapshot, strict=True):
+        for key in [k for k in group if k != "params" and k not in saved]:
+            del group[key]
+        group.update(saved)
+    scheduler = engine.lr_scheduler
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if scheduler is None or lambdas is None:
+        return
+    scheduler.base_lrs = [group["initial_lr"] for group in groups]
+    lrs = [base * fn(scheduler.last_epoch) for fn, base in zip(lambdas, scheduler.base_lrs, strict=True)]
+    for group, lr in zip(groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = list(lrs)
