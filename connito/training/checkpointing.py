@@ -124,9 +124,10 @@ def load(engine, checkpoint: Path, universal: Path | None = None) -> TrainState:
     if universal is None:
         load_path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     else:
-        from connito.training.relayout import restore_groups, snapshot_groups
+        from connito.training.relayout import pad_param_groups, restore_groups, snapshot_groups
 
         groups = snapshot_groups(engine)
+        pad_param_groups(universal, len(groups), not dist.is_initialized() or dist.get_rank() == 0)
         load_path, _ = engine.load_checkpoint(str(universal.parent), tag=universal.name)
         restore_groups(engine, groups)
     if load_path is None:

@@ -19,10 +19,12 @@ What Connito adds on top of DeepSpeed's converter:
   ``experts.down_proj`` and ``<router_attr>.*`` (plus family names for shared experts). ep_size 1 runs the plain
   blocks, so :func:`add_name_aliases` writes every tensor of the universal folder under both names (elementwise
   optimizer states follow the same concatenation), whichever side wrote it.
-* **Optimizer groups.** DeepSpeed copies the checkpoint's param-group settings onto the current groups by
-  position, and expert groups differ across layouts (``name: ep_size_N``, none at ep 1). :func:`restore_groups`
-  puts the current run's group settings back after the load and recomputes each group's learning rate from the
-  restored scheduler (what a same-layout resume would have read from the checkpoint).
+* **Optimizer groups.** DeepSpeed restores group by group, zipping the current groups with the checkpoint's and
+  copying the checkpoint's group settings by position, and expert groups differ across layouts
+  (``name: ep_size_N``, none at ep 1). :func:`pad_param_groups` gives the checkpoint enough groups (else ep 1 ->
+  ep 2 would skip the expert group), and :func:`restore_groups` puts the current run's group settings back after
+  the load and recomputes each group's learning rate from the restored scheduler (what a same-layout resume would
+  have read from the checkpoint).
 
 What is refused, before any work, with the fix in the message (:class:`CheckpointLayoutError`):
 
@@ -71,10 +73,7 @@ class Layout:
     model_type: str
 
     def describe(self) -> str:
-        return (
-            f"ep_size {self.ep_size}, world size {self.world_size}, ZeRO stage {self.zero_stage} "
-            f"({self.model_type})"
-        )
+        return f"ep_size {self.ep_size}, world size {self.world_size}, ZeRO stage {self.zero_stage} ({self.model_type})"
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -113,8 +112,9 @@ def plan_resume(saved: Layout | None, current: Layout) -> bool:
             f"{what}: changing the layout goes through DeepSpeed's universal checkpoints, which need ZeRO stage 1 "
             "or 2 on both sides (a ZeRO-0 checkpoint has no ZeRO optimizer shards to convert, and a ZeRO-0 engine "
             f"loads nothing from a universal checkpoint). Resume at parallel.ep_size={saved.ep_size} "
-            f"engine.zero_stage={saved.zero_stage}" + ("" if saved.zero_stage else
-            " (any world size that is a multiple of it)") + ", or train with engine=zero1 (or zero2) from the start"
+            f"engine.zero_stage={saved.zero_stage}"
+            + ("" if saved.zero_stage else " (any world size that is a multiple of it)")
+            + ", or train with engine=zero1 (or zero2) from the start"
         )
     if 3 in (saved.zero_stage, current.zero_stage):
         raise CheckpointLayoutError(
@@ -258,11 +258,11 @@ def add_name_aliases(zero: Path, hf_shapes: dict, layout) -> None:
                 _write(zero / down, state, {"param": tensor})
             _copy_step([w2], zero / down)
         for sub in [n for n in names if n.startswith(f"{block}.router.gate.")]:
-            _alias(zero, sub, f"{block}.{router_attr}." + sub[len(f"{block}.router.gate."):])
+            _alias(zero, sub, f"{block}.{router_attr}." + sub[len(f"{block}.router.gate.") :])
         for autoep_attr, hf_attr in renamed:
             if hf_attr and hf_attr != autoep_attr:
                 for sub in [n for n in names if n.startswith(f"{block}.{autoep_attr}.")]:
-                    _alias(zero, sub, f"{block}.{hf_attr}." + sub[len(f"{block}.{autoep_attr}."):])
+                    _alias(zero, sub, f"{block}.{hf_attr}." + sub[len(f"{block}.{autoep_attr}.") :])
 
     # transformers -> AutoEP
     for name in sorted(names):
@@ -285,18 +285,23 @@ def add_name_aliases(zero: Path, hf_shapes: dict, layout) -> None:
                 _write(
                     zero / f"{block}.experts.{w}",
                     state,
-                    {"param": tensor.contiguous(), "cat_dim": 0, "is_expert_param": True, "ep_num_experts": num_experts},
+                    {
+                        "param": tensor.contiguous(),
+                        "cat_dim": 0,
+                        "is_expert_param": True,
+                        "ep_num_experts": num_experts,
+                    },
                 )
         for w in ("w1", "w2", "w3"):
             _copy_step([source_up, source_down], zero / f"{block}.experts.{w}")
         for sub in [n for n in names if n.startswith(f"{block}.{router_attr}.")]:
-            rest = sub[len(f"{block}.{router_attr}."):]
+            rest = sub[len(f"{block}.{router_attr}.") :]
             _alias(zero, sub, f"{block}.router.gate.{rest}")
             _alias(zero, sub, f"{block}.gate.gate.{rest}")
         for autoep_attr, hf_attr in renamed:
             if hf_attr and hf_attr != autoep_attr:
                 for sub in [n for n in names if n.startswith(f"{block}.{hf_attr}.")]:
-                    _alias(zero, sub, f"{block}.{autoep_attr}." + sub[len(f"{block}.{hf_attr}."):])
+                    _alias(zero, sub, f"{block}.{autoep_attr}." + sub[len(f"{block}.{hf_attr}.") :])
 
 
 # -- after the load ------------------------------------------------------------------------------------------
@@ -311,6 +316,26 @@ def _groups(engine) -> list[dict]:
     optimizer = engine.optimizer
     inner = getattr(optimizer, "optimizer", optimizer)
     return inner.param_groups
+
+
+def pad_param_groups(universal: Path, count: int, is_main: bool) -> None:
+    """Collective: give the universal folder's ``optimizer_state.pt`` at least ``count`` param groups.
+
+    DeepSpeed restores the optimizer group by group, zipping the current groups with the checkpoint's
+    (``base_optimizer.load_hp_checkpoint_state_from_checkpoint_dir``): a run with more groups than the checkpoint
+    (ep 1 -> ep 2 adds the expert group) would silently skip the extra ones. Their settings are padding only;
+    :func:`restore_groups` puts the current run's settings back after the load.
+    """
+    path = universal / "zero" / "optimizer_state.pt"
+    if is_main:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        groups = state["param_groups"]
+        if len(groups) < count:
+            groups.extend(dict(groups[-1]) for _ in range(count - len(groups)))
+            tmp = path.with_name(f".{path.name}.tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+    _barrier()
 
 
 def restore_groups(engine, snapshot: list[dict]) -> None:
