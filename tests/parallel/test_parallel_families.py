@@ -1,0 +1,57 @@
+"""Every family AutoEP serves: the HF export of an ep 2 run reproduces the trained model's logits, and an ep 2
+checkpoint resumes at ep 1 with every parameter identical. (qwen3_moe has its own, deeper tests beside this file.)
+
+The default run covers one family with shared experts; the others run with the slow tests.
+"""
+
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from tests.parallel.test_parallel_ep import DEEPSEEK, Runs
+from tests.parallel.test_parallel_relayout import assert_identical, train
+
+pytestmark = pytest.mark.distributed
+
+FAMILIES = {
+    "qwen2_moe": ["model=qwen2_moe_tiny"],
+    "mixtral": ["model=mixtral_tiny"],
+    "deepseek_v2": ["model=deepseek_v2_tiny", "+model.hf_config.initializer_range=0.1"],
+    "deepseek_v3": DEEPSEEK,
+}
+DEFAULT_RUN = {"deepseek_v3"}
+
+
+def family_params():
+    for name in sorted(FAMILIES):
+        marks = () if name in DEFAULT_RUN else (pytest.mark.slow,)
+        yield pytest.param(name, id=name, marks=marks)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_cache):
+    return Runs(tmp_path_factory.mktemp("family-runs"), data_cache)
+
+
+@pytest.mark.parametrize("family", family_params())
+def test_hf_export_of_an_ep2_run_gives_the_trained_logits(runs, family):
+    run = runs(2, [*FAMILIES[family], "parallel.ep_size=2"], export=True)
+    saved = torch.load(run["dir"] / "logits.pt")
+    model = AutoModelForCausalLM.from_pretrained(run["dir"] / "hf", dtype=torch.float32).eval()
+    assert model.config.model_type == family
+    with torch.no_grad():
+        logits = model(input_ids=saved["input_ids"]).logits
+    torch.testing.assert_close(logits, saved["logits"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", family_params())
+def test_ep2_checkpoint_resumes_at_ep1_with_identical_parameters(tmp_path, data_cache, family):
+    overrides = [*FAMILIES[family], "train.steps=2"]
+    train(tmp_path / "ep2", tmp_path / "ep2-dump", 2, data_cache, [*overrides, "parallel.ep_size=2"])
+    saved = torch.load(tmp_path / "ep2-dump" / "saved_step2.pt")
+
+    shutil.copytree(tmp_path / "ep2", tmp_path / "ep1")
+    train(tmp_path / "ep1", tmp_path / "ep1-dump", 1, data_cache, [*overrides, "train.steps=3", "parallel.ep_size=1"])
+    assert_identical(saved, torch.load(tmp_path / "ep1-dump" / "loaded.pt"))
