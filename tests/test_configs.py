@@ -40,7 +40,9 @@ def test_group_option_composes_into_the_typed_train_config(relative):
 @pytest.mark.parametrize("option", sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml")))
 def test_model_config_builds_a_model_that_runs_forward_and_backward(option):
     cfg = compose_train([f"model={option}"]).model
-    model = build_model(cfg, vocab_size=300, seed=0, token_ids={"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1})
+    model = build_model(
+        cfg, vocab_size=300, seed=0, token_ids={"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}
+    )
     input_ids = torch.randint(0, 300, (2, 16))
     out = model(input_ids=input_ids, labels=input_ids)
     assert torch.isfinite(out.logits).all() and out.logits.shape == (2, 16, 300)

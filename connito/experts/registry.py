@@ -11,12 +11,12 @@ top-k ids)``; experts are ``<Family>Experts`` with fused ``gate_up_proj`` [E, 2I
 | model_type  | routed experts (config) | top-k choice                                  | shared experts           |
 |-------------|-------------------------|-----------------------------------------------|--------------------------|
 | qwen3_moe   | num_experts             | softmax, top-k, optional renorm               | none                     |
-| qwen2_moe   | num_experts             | softmax, top-k, optional renorm               | shared_expert + sigmoid shared_expert_gate |
+| qwen2_moe   | num_experts             | softmax, top-k, optional renorm               | shared_expert + gate |
 | mixtral     | num_local_experts       | softmax, top-k, always renorm                 | none                     |
 | olmoe       | num_experts             | softmax, top-k, optional renorm               | none                     |
 | flex_olmo   | num_experts             | softmax, top-k, optional renorm               | none                     |
 | deepseek_v2 | n_routed_experts        | softmax, greedy or group-limited top-k, scaled | shared_experts (one MLP) |
-| deepseek_v3 | n_routed_experts        | sigmoid + e_score_correction_bias, group-limited top-k, renorm, scaled | shared_experts (one MLP) |
+| deepseek_v3 | n_routed_experts        | sigmoid + correction bias, group top-k, scaled | shared_experts (one MLP) |
 
 Dense layers: Qwen MoE families by ``mlp_only_layers`` / ``decoder_sparse_step``, DeepSeek by
 ``first_k_dense_replace``; :meth:`MoEAdapter.moe_layers` finds them by looking, not by re-deriving the rule.

@@ -16,7 +16,9 @@ def token_cross_entropy(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor) ->
     return loss.view(targets.shape)
 
 
-def domain_sums(loss_BT: torch.Tensor, domain_ids_BT: torch.Tensor, num_domains: int) -> tuple[torch.Tensor, torch.Tensor]:
+def domain_sums(
+    loss_BT: torch.Tensor, domain_ids_BT: torch.Tensor, num_domains: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed loss ``[D]`` and token count ``[D]`` per domain, for the targets ``domain_ids[:, 1:]``."""
     domains = domain_ids_BT[:, 1:].reshape(-1)
     loss_sum_D = torch.zeros(num_domains, dtype=torch.float64).index_add_(0, domains, loss_BT.reshape(-1).double())

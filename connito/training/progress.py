@@ -5,7 +5,9 @@ from tqdm.auto import tqdm
 
 class Progress:
     def __init__(self, total_steps: int, start_step: int, enabled: bool):
-        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True) if enabled else None
+        self._bar = None
+        if enabled:
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def update(self, step: int, loss: float, tokens_per_s: float) -> None:
         if self._bar is None:

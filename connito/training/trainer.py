@@ -26,11 +26,11 @@ from connito.training.deepspeed_config import build_deepspeed_config, validate_e
 from connito.training.distributed import DistInfo, init_distributed
 from connito.training.evaluation import evaluate_by_domain
 from connito.training.export import export_hf
-from connito.training.losses import token_cross_entropy
 from connito.training.metrics import MetricsSink
 from connito.training.progress import Progress
 from connito.training.report import format_domain_table
 from connito.training.schedule import warmup_cosine
+from connito.training.step import StepLosses, train_step
 
 log = logging.getLogger("connito.training")
 
@@ -99,6 +99,30 @@ def _optimizer(model: torch.nn.Module, cfg: ConnitoConfig, split_moe: bool = Fal
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
 
 
+def _build_engine(model, cfg: ConnitoConfig, info: DistInfo, model_type: str, load_universal: bool):
+    """The DeepSpeed engine around ``model`` with AdamW and the warm-up + cosine schedule."""
+    import deepspeed
+
+    if cfg.parallel.ep_size > 1 and (cfg.engine.zero_stage > 0 or cfg.engine.precision == "bf16"):
+        # DeepSpeed builds the optimizer after AutoEP replaced the MoE blocks, so the expert groups hold the
+        # live expert-parallel parameters.
+        def optimizer(_params):
+            return _optimizer(model, cfg, split_moe=True)
+
+        def scheduler(opt):
+            return warmup_cosine(opt, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
+    else:
+        optimizer = _optimizer(model, cfg)
+        scheduler = warmup_cosine(optimizer, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
+    ds_config = build_deepspeed_config(
+        cfg.engine, cfg.optim, cfg.train, info.world_size, cfg.parallel, model_type, load_universal=load_universal
+    )
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine, scheduler
+
+
 def _resume_point(cfg: ConnitoConfig, checkpoint_root: Path) -> Path | None:
     if cfg.train.resume == "never":
         if checkpointing.find_latest(checkpoint_root) is not None:
@@ -116,12 +140,14 @@ def run_training(cfg: ConnitoConfig, run_dir: Path) -> TrainResult:
     info = init_distributed(cfg.engine.backend)
     validate_engine(cfg.engine, info.accelerator)
     validate_train(cfg.train)
-    import deepspeed  # after init_distributed chose the accelerator
 
     family = resolve_family(cfg.model)  # fails fast on a bad model.path before data work starts
     if cfg.parallel.ep_size != 1:
         validate_expert_parallel(
-            cfg.parallel.ep_size, info.world_size, family.model_type, num_routed_experts(cfg.model),
+            cfg.parallel.ep_size,
+            info.world_size,
+            family.model_type,
+            num_routed_experts(cfg.model),
             cfg.engine.zero_stage,
         )
     # Resume point and layout check before any work: a checkpoint this run cannot load stops here.
@@ -143,36 +169,17 @@ def run_training(cfg: ConnitoConfig, run_dir: Path) -> TrainResult:
     )
 
     model = build_model(cfg.model, len(tokenizer), cfg.train.seed, token_ids=tokenizer_token_ids(tokenizer))
-    if cfg.parallel.ep_size > 1 and (cfg.engine.zero_stage > 0 or cfg.engine.precision == "bf16"):
-        # DeepSpeed builds the optimizer after AutoEP replaced the MoE blocks, so the expert groups hold the
-        # live expert-parallel parameters.
-        def optimizer(_params):
-            return _optimizer(model, cfg, split_moe=True)
-
-        def scheduler(opt):
-            return warmup_cosine(opt, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
-    else:
-        optimizer = _optimizer(model, cfg)
-        scheduler = warmup_cosine(optimizer, cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
     universal = None
     if convert:  # rank 0 converts once; the others wait
         hf_shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
         universal = relayout.prepare_universal(
             resume_from, saved_layout, layout, hf_shapes, adapter_for(family.model_type).layout, info.is_main
         )
-    ds_config = build_deepspeed_config(
-        cfg.engine, cfg.optim, cfg.train, info.world_size, cfg.parallel, family.model_type,
-        load_universal=universal is not None,
-    )
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-    )
+    engine, scheduler = _build_engine(model, cfg, info, family.model_type, load_universal=universal is not None)
     device = engine.device
 
     state = checkpointing.TrainState()
-    sink = MetricsSink(
-        run_dir, info.is_main, cfg.logging.wandb, cfg.logging.wandb_project, cfg.run.name, _plain(cfg)
-    )
+    sink = MetricsSink(run_dir, info.is_main, cfg.logging.wandb, cfg.logging.wandb_project, cfg.run.name, asdict(cfg))
     if resume_from is not None:
         state = checkpointing.load(engine, resume_from, universal=universal)
         sink.truncate_after(state.step)
@@ -195,33 +202,14 @@ def run_training(cfg: ConnitoConfig, run_dir: Path) -> TrainResult:
 
     engine.train()
     while state.step < cfg.train.steps:
-        lm_sum, aux_sum = 0.0, 0.0
-        for micro_step in range(cfg.train.grad_accum):
-            input_ids = train_split.input_ids_NT[sampler.rows(state.step, micro_step)].to(device)
-            outputs = engine(input_ids=input_ids)
-            lm_loss = token_cross_entropy(outputs.logits, input_ids).mean()
-            aux_loss = getattr(outputs, "aux_loss", None)
-            loss = lm_loss if aux_loss is None else lm_loss + cfg.model.aux_loss_coef * aux_loss
-            engine.backward(loss)
-            engine.step()
-            lm_sum += lm_loss.item()
-            aux_sum += 0.0 if aux_loss is None else aux_loss.item()
+        losses = train_step(engine, train_split, sampler, state.step, cfg.model.aux_loss_coef, device)
         state.step += 1
         state.tokens_seen += tokens_per_step
 
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
-            stats = torch.tensor([lm_sum, aux_sum], dtype=torch.float64) / cfg.train.grad_accum
-            if info.world_size > 1:
-                dist.all_reduce(stats)
-                stats /= info.world_size
             elapsed = time.perf_counter() - started_at
             tokens_per_s = (state.step - started_step) * tokens_per_step / max(elapsed, 1e-9)
-            metrics = {"train/loss": stats[0].item(), "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tokens_per_s}
-            if aux_loss is not None:
-                metrics["train/aux_loss"] = stats[1].item()
-            grad_norm = engine.get_global_grad_norm()
-            if grad_norm is not None:
-                metrics["train/grad_norm"] = float(grad_norm)
+            metrics = _step_metrics(losses, engine, scheduler, info.world_size, tokens_per_s)
             sink.log(state.step, metrics)
             progress.update(state.step, loss=metrics["train/loss"], tokens_per_s=tokens_per_s)
 
@@ -251,6 +239,25 @@ def run_training(cfg: ConnitoConfig, run_dir: Path) -> TrainResult:
     return result
 
 
+def _step_metrics(losses: StepLosses, engine, scheduler, world_size: int, tokens_per_s: float) -> dict[str, float]:
+    """The logged metrics of a step: losses averaged over ranks (a collective), learning rate, grad norm, speed."""
+    stats = torch.tensor([losses.lm, losses.aux or 0.0], dtype=torch.float64)
+    if world_size > 1:
+        dist.all_reduce(stats)
+        stats /= world_size
+    metrics = {
+        "train/loss": stats[0].item(),
+        "train/lr": scheduler.get_last_lr()[0],
+        "train/tokens_per_s": tokens_per_s,
+    }
+    if losses.aux is not None:
+        metrics["train/aux_loss"] = stats[1].item()
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None:
+        metrics["train/grad_norm"] = float(grad_norm)
+    return metrics
+
+
 def _evaluate(engine, val_split, prepared, cfg, info, device) -> dict[str, float]:
     if cfg.parallel.ep_size > 1:
         # Every forward is an all-to-all over the expert-parallel group: all ranks must run the same number of
@@ -258,13 +265,15 @@ def _evaluate(engine, val_split, prepared, cfg, info, device) -> dict[str, float
         keep = len(val_split) - len(val_split) % info.world_size
         val_split = PackedSplit(val_split.input_ids_NT[:keep], val_split.domain_ids_NT[:keep])
     return evaluate_by_domain(
-        engine.module, val_split, prepared.domains, cfg.train.micro_batch_size, cfg.train.eval_batches,
-        info.rank, info.world_size, device,
+        engine.module,
+        val_split,
+        prepared.domains,
+        cfg.train.micro_batch_size,
+        cfg.train.eval_batches,
+        info.rank,
+        info.world_size,
+        device,
     )
-
-
-def _plain(cfg: ConnitoConfig) -> dict:
-    return asdict(cfg)
 
 
 def _write_summary(result: TrainResult, model_type: str) -> None:
@@ -278,4 +287,5 @@ def _write_summary(result: TrainResult, model_type: str) -> None:
     }
     (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print(format_domain_table(result.validation, result.unigram), flush=True)
-    print(f"checkpoint: {result.checkpoint}\nHF export:  {result.export_dir}\nmetrics:    {result.run_dir / 'metrics.jsonl'}", flush=True)
+    print(f"checkpoint: {result.checkpoint}", f"HF export:  {result.export_dir}", sep="\n", flush=True)
+    print(f"metrics:    {result.run_dir / 'metrics.jsonl'}", flush=True)
