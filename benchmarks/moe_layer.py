@@ -400,18 +400,19 @@ def main(argv=None):
 
     dense = next((r for r in rows if r["impl"] == "dense" and "ms" in r), None)
     print()
-    print("| implementation | ms/iter (fwd+bwd) | fwd ms | bwd ms | tokens/s | vs dense ceiling | saved MiB "
+    print("| implementation | ms/iter (fwd+bwd) | min ms | fwd ms | bwd ms | tokens/s | vs dense ceiling | saved MiB "
           "| max abs diff vs hf-eager | notes |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         if "skipped" in r:
-            print(f"| {r['impl']} | - | - | - | - | - | - | - | {r['skipped']} |")
+            print(f"| {r['impl']} | - | - | - | - | - | - | - | - | {r['skipped']} |")
             continue
         ratio = f"{dense['ms'] / r['ms']:.2f}x" if dense else "-"
         diff = "-" if math.isnan(r["diff"]) else f"{r['diff']:.1e}"
-        print(f"| {r['impl']} | {r['ms']:.1f} | {r['fwd']:.1f} | {r['bwd']:.1f} | {r['tps']:,.0f} | {ratio} "
+        print(f"| {r['impl']} | {r['ms']:.1f} | {r['spread'][0]:.1f} | {r['fwd']:.1f} | {r['bwd']:.1f} | {r['tps']:,.0f} | {ratio} "
               f"| {r['mib']:.0f} | {diff} | {r['note']} |")
     print()
+    print("ms/iter, fwd ms, bwd ms: medians; min ms: fastest timed iteration (less sensitive to other load).")
     print("vs dense ceiling = dense ms / impl ms (1.00x = as fast as a dense MLP with the same active FLOPs).")
     print("max abs diff vs hf-eager: same weights and inputs; nonzero for ds-moe-* where routes were dropped.")
     print(f"peak RSS of the whole process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB "
