@@ -79,8 +79,12 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=5, help="timed iterations per implementation (default 5)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all usable cores)")
     p.add_argument("--impls", default=",".join(ALL_IMPLS), help=f"comma list out of {','.join(ALL_IMPLS)}")
-    p.add_argument("--batched-mm-max-gib", type=float, default=4.0,
-                   help="skip hf-batched_mm when its per-pair weight gather would exceed this (default 4 GiB)")
+    p.add_argument(
+        "--batched-mm-max-gib",
+        type=float,
+        default=4.0,
+        help="skip hf-batched_mm when its per-pair weight gather would exceed this (default 4 GiB)",
+    )
     p.add_argument("--router-std", type=float, default=0.02, help="router init std (OLMoE initializer_range)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-check", action="store_true", help="skip the output parity check against hf-eager")
@@ -231,9 +235,17 @@ def classic_moe(ref, args, capacity_factor):
     ensure_dist()
     H, Fd, E = args.hidden, args.ffn, args.experts
     expert = SwiGLU(H, Fd)
-    moe = MoE(hidden_size=H, expert=expert, num_experts=E, ep_size=1, k=args.top_k,
-              capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor, min_capacity=4,
-              drop_tokens=True)
+    moe = MoE(
+        hidden_size=H,
+        expert=expert,
+        num_experts=E,
+        ep_size=1,
+        k=args.top_k,
+        capacity_factor=capacity_factor,
+        eval_capacity_factor=capacity_factor,
+        min_capacity=4,
+        drop_tokens=True,
+    )
     moe.set_deepspeed_parallelism()
     dtype = ref.gate.weight.dtype
     moe = moe.to(dtype)
@@ -280,7 +292,7 @@ def build(impl, ref, args, dtype):
     if impl.startswith("autoep-"):
         return autoep_layer(ref, args, impl)
     if impl.startswith("ds-moe-cf"):
-        return ClassicWrapper(classic_moe(ref, args, float(impl[len("ds-moe-cf"):])), args)
+        return ClassicWrapper(classic_moe(ref, args, float(impl[len("ds-moe-cf") :])), args)
     raise ValueError(impl)
 
 
@@ -351,12 +363,18 @@ def main(argv=None):
     T, H = args.tokens, args.hidden
     batch = T // args.seq_len
     print(f"# MoE layer fwd+bwd benchmark  ({datetime.datetime.now().isoformat(timespec='seconds')})")
-    print(f"shape: hidden={H} experts={args.experts} top_k={args.top_k} expert_ffn={args.ffn} "
-          f"tokens={T} (batch {batch} x seq {args.seq_len}) dtype={args.dtype}")
-    print(f"dense ceiling: SwiGLU width {args.top_k * args.ffn}; warmup={args.warmup} iters={args.iters} "
-          f"threads={args.threads}")
-    print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, "
-          f"python {platform.python_version()}, loadavg {os.getloadavg()[0]:.2f}")
+    print(
+        f"shape: hidden={H} experts={args.experts} top_k={args.top_k} expert_ffn={args.ffn} "
+        f"tokens={T} (batch {batch} x seq {args.seq_len}) dtype={args.dtype}"
+    )
+    print(
+        f"dense ceiling: SwiGLU width {args.top_k * args.ffn}; warmup={args.warmup} iters={args.iters} "
+        f"threads={args.threads}"
+    )
+    print(
+        f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, transformers {transformers.__version__}, "
+        f"python {platform.python_version()}, loadavg {os.getloadavg()[0]:.2f}"
+    )
     sys.stdout.flush()
 
     ref = make_reference_block(args, dtype)
@@ -372,8 +390,13 @@ def main(argv=None):
         if impl == "hf-batched_mm":
             gib = T * args.top_k * 3 * args.ffn * H * x0.element_size() / 2**30
             if gib > args.batched_mm_max_gib:
-                rows.append(dict(impl=impl, skipped=f"skipped: gathers {gib:.0f} GiB of per-pair expert weights "
-                                 f"(> --batched-mm-max-gib {args.batched_mm_max_gib:g})"))
+                rows.append(
+                    dict(
+                        impl=impl,
+                        skipped=f"skipped: gathers {gib:.0f} GiB of per-pair expert weights "
+                        f"(> --batched-mm-max-gib {args.batched_mm_max_gib:g})",
+                    )
+                )
                 print(f"[{impl}] {rows[-1]['skipped']}", flush=True)
                 continue
         try:
@@ -392,16 +415,31 @@ def main(argv=None):
             continue
         if isinstance(module, ClassicWrapper):
             note = f"capacity {module.capacity}/expert, dropped {100 * module.last_drop:.2f}% of routes"
-        rows.append(dict(impl=impl, ms=med * 1e3, fwd=fwd * 1e3, bwd=bwd * 1e3, tps=T / med, diff=diff, mib=mib,
-                         note=note, spread=(min(all_t) * 1e3, max(all_t) * 1e3)))
-        print(f"[{impl}] {med * 1e3:.1f} ms/iter (min {min(all_t) * 1e3:.1f}, max {max(all_t) * 1e3:.1f}) "
-              f"{note}", flush=True)
+        rows.append(
+            dict(
+                impl=impl,
+                ms=med * 1e3,
+                fwd=fwd * 1e3,
+                bwd=bwd * 1e3,
+                tps=T / med,
+                diff=diff,
+                mib=mib,
+                note=note,
+                spread=(min(all_t) * 1e3, max(all_t) * 1e3),
+            )
+        )
+        print(
+            f"[{impl}] {med * 1e3:.1f} ms/iter (min {min(all_t) * 1e3:.1f}, max {max(all_t) * 1e3:.1f}) {note}",
+            flush=True,
+        )
         del module, x
 
     dense = next((r for r in rows if r["impl"] == "dense" and "ms" in r), None)
     print()
-    print("| implementation | ms/iter (fwd+bwd) | min ms | fwd ms | bwd ms | tokens/s | vs dense ceiling | saved MiB "
-          "| max abs diff vs hf-eager | notes |")
+    print(
+        "| implementation | ms/iter (fwd+bwd) | min ms | fwd ms | bwd ms | tokens/s | vs dense ceiling | saved MiB "
+        "| max abs diff vs hf-eager | notes |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         if "skipped" in r:
@@ -409,14 +447,16 @@ def main(argv=None):
             continue
         ratio = f"{dense['ms'] / r['ms']:.2f}x" if dense else "-"
         diff = "-" if math.isnan(r["diff"]) else f"{r['diff']:.1e}"
-        print(f"| {r['impl']} | {r['ms']:.1f} | {r['spread'][0]:.1f} | {r['fwd']:.1f} | {r['bwd']:.1f} | {r['tps']:,.0f} | {ratio} "
-              f"| {r['mib']:.0f} | {diff} | {r['note']} |")
+        timings = f"{r['ms']:.1f} | {r['spread'][0]:.1f} | {r['fwd']:.1f} | {r['bwd']:.1f} | {r['tps']:,.0f}"
+        print(f"| {r['impl']} | {timings} | {ratio} | {r['mib']:.0f} | {diff} | {r['note']} |")
     print()
     print("ms/iter, fwd ms, bwd ms: medians; min ms: fastest timed iteration (less sensitive to other load).")
     print("vs dense ceiling = dense ms / impl ms (1.00x = as fast as a dense MLP with the same active FLOPs).")
     print("max abs diff vs hf-eager: same weights and inputs; nonzero for ds-moe-* where routes were dropped.")
-    print(f"peak RSS of the whole process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB "
-          f"(process-wide, not per implementation); loadavg at end {os.getloadavg()[0]:.2f}")
+    print(
+        f"peak RSS of the whole process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB "
+        f"(process-wide, not per implementation); loadavg at end {os.getloadavg()[0]:.2f}"
+    )
     return rows
 
 
