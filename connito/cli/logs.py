@@ -5,7 +5,7 @@ import os
 
 
 def quiet_libraries() -> None:
-    for name in ("deepspeed", "DeepSpeed", "torch.distributed", "datasets", "httpx", "wandb"):
+    for name in ("deepspeed", "DeepSpeed", "torch.distributed", "datasets", "httpx", "wandb", "compilers"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

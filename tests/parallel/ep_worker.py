@@ -3,7 +3,9 @@
 Usage: torchrun --nproc_per_node N tests/parallel/ep_worker.py RUN_DIR [key=value ...]
 
 Writes ``RUN_DIR/rank{r}.json``: parameters and AdamW state elements this rank holds, the full model's
-non-expert / per-expert counts, and (rank 0) ``RUN_DIR/logits.pt``: the trained model's logits on a fixed batch.
+non-expert / per-expert counts; (rank 0) ``RUN_DIR/logits.pt``: the trained model's logits on a fixed batch; and
+(rank 0) ``RUN_DIR/grads.pt``: after training, the gradients of one more step's loss (the rows every rank would read
+at that step, reduced by DeepSpeed as for an update) as a full transformers-named dict, every expert included.
 """
 
 import json
@@ -15,8 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from connito.data import prepare_data  # noqa: E402
 from connito.experts import adapter_for  # noqa: E402
-from connito.parallel import autoep_layers, local_parameter_count  # noqa: E402
+from connito.parallel import autoep_layers, gather_hf_state_dict, local_parameter_count  # noqa: E402
+from connito.training.batches import PackedSplit, StepSampler  # noqa: E402
+from connito.training.losses import token_cross_entropy  # noqa: E402
 from connito.training.trainer import run_training  # noqa: E402
 from tests.helpers import compose_train  # noqa: E402
 
@@ -33,6 +38,32 @@ def optimizer_state_numel(model: torch.nn.Module, optimizer) -> int:
                 assert id(p) in held, "optimizer state for a parameter the model no longer holds"
                 total += state["exp_avg"].numel()
     return total
+
+
+def next_step_gradients(cfg, engine, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """Backward (no update) of the loss of step ``cfg.train.steps`` through the engine, gathered in global numbering.
+
+    Collective. Each parameter's data is swapped for its gradient while ``gather_hf_state_dict`` reads the model.
+    """
+    split = PackedSplit.from_dataset(prepare_data(cfg.data, progress=False).load_split("train"))
+    sampler = StepSampler(len(split), cfg.train.micro_batch_size, 1, world_size, rank, cfg.train.seed)
+    input_ids = split.input_ids_NT[sampler.rows(cfg.train.steps, 0)]
+    engine.train()
+    outputs = engine(input_ids=input_ids)
+    loss = token_cross_entropy(outputs.logits, input_ids).mean()
+    if getattr(outputs, "aux_loss", None) is not None:
+        loss = loss + cfg.model.aux_loss_coef * outputs.aux_loss
+    engine.backward(loss)
+    params = list(engine.module.parameters())
+    saved = [p.data for p in params]
+    try:
+        for p in params:
+            p.data = p.grad if p.grad is not None else torch.zeros_like(p.data)
+        grads = gather_hf_state_dict(engine.module)
+    finally:
+        for p, data in zip(params, saved):
+            p.data = data
+    return {k: v for k, v in grads.items() if not k.endswith("e_score_correction_bias")}  # a buffer, no gradient
 
 
 def main() -> None:
@@ -61,6 +92,10 @@ def main() -> None:
         logits = model(input_ids=input_ids).logits  # collective under expert parallelism
     if rank == 0:
         torch.save({"input_ids": input_ids, "logits": logits.cpu()}, run_dir / "logits.pt")
+    if cfg.engine.zero_stage == 0:  # ZeRO 1/2 keep gradients in flat partitions, not in param.grad
+        grads = next_step_gradients(cfg, result.engine, rank, dist.get_world_size())
+        if rank == 0:
+            torch.save(grads, run_dir / "grads.pt")
     dist.barrier()
     dist.destroy_process_group()
 
