@@ -1,6 +1,7 @@
 """Shared test helpers: small configs composed from the real YAML files, and clean subprocess environments."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,18 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, **env: str) -> subpr
         text=True,
         timeout=timeout,
     )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(nproc: int, script: Path, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``script`` on ``nproc`` gloo ranks under torchrun (a free port, no rank variables inherited)."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_port", str(free_port()), str(script), *args,
+    ]  # fmt: skip
+    return subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)

@@ -6,14 +6,11 @@ micro-batch`` read the same rows at every step and must give the same losses.
 """
 
 import json
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.helpers import REPO, clean_env, small_overrides
+from tests.helpers import REPO, small_overrides, torchrun
 
 pytestmark = pytest.mark.distributed
 
@@ -23,12 +20,6 @@ RTOL = 1e-5
 # DeepSeek-V3's sigmoid router sits at 0.5 +- tiny at the default init (std 0.02): near-ties flip the top-k on
 # rounding noise between any two implementations. A wider init keeps the routing decisions well separated.
 DEEPSEEK = ["model=deepseek_v3_tiny", "+model.hf_config.initializer_range=0.1"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Runs:
@@ -49,19 +40,7 @@ class Runs:
                 f"train.micro_batch_size={micro_batch}",
                 *overrides,
             ]
-            command = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node",
-                str(nproc),
-                "--master_port",
-                str(free_port()),
-                str(WORKER),
-                str(run_dir),
-                *args,
-            ]
-            proc = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+            proc = torchrun(nproc, WORKER, [str(run_dir), *args])
             assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-6000:])
             records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
             self.done[key] = {

@@ -1,5 +1,6 @@
 """Every family AutoEP serves: the HF export of an ep 2 run reproduces the trained model's logits, and an ep 2
-checkpoint resumes at ep 1 with every parameter identical. (qwen3_moe has its own, deeper tests beside this file.)
+checkpoint resumes at ep 1 (1 rank) and at ep 4 (4 ranks) with every parameter identical. (qwen3_moe has its own,
+deeper tests beside this file.)
 
 The default run covers one family with shared experts; the others run with the slow tests.
 """
@@ -46,12 +47,34 @@ def test_hf_export_of_an_ep2_run_gives_the_trained_logits(runs, family):
     torch.testing.assert_close(logits, saved["logits"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", family_params())
-def test_ep2_checkpoint_resumes_at_ep1_with_identical_parameters(tmp_path, data_cache, family):
-    overrides = [*FAMILIES[family], "train.steps=2"]
-    train(tmp_path / "ep2", tmp_path / "ep2-dump", 2, data_cache, [*overrides, "parallel.ep_size=2"])
-    saved = torch.load(tmp_path / "ep2-dump" / "saved_step2.pt")
+@pytest.fixture(scope="module")
+def ep2_checkpoints(tmp_path_factory, data_cache):
+    """One ep 2 run per family (2 ranks, ZeRO-1, checkpoint at step 2), made on first use."""
+    root, done = tmp_path_factory.mktemp("family-ep2"), {}
 
-    shutil.copytree(tmp_path / "ep2", tmp_path / "ep1")
-    train(tmp_path / "ep1", tmp_path / "ep1-dump", 1, data_cache, [*overrides, "train.steps=3", "parallel.ep_size=1"])
-    assert_identical(saved, torch.load(tmp_path / "ep1-dump" / "loaded.pt"))
+    def get(family: str):
+        if family not in done:
+            overrides = [*FAMILIES[family], "train.steps=2", "parallel.ep_size=2"]
+            train(root / family / "run", root / family / "dump", 2, data_cache, overrides)
+            done[family] = root / family
+        return done[family]
+
+    return get
+
+
+def resume_params():
+    for name in sorted(FAMILIES):
+        yield pytest.param(name, 1, 1, id=f"{name}-ep1", marks=() if name in DEFAULT_RUN else (pytest.mark.slow,))
+        yield pytest.param(name, 4, 4, id=f"{name}-ep4", marks=(pytest.mark.slow,))
+
+
+@pytest.mark.parametrize(("family", "ep_size", "ranks"), resume_params())
+def test_ep2_checkpoint_resumes_at_another_layout_with_identical_parameters(
+    ep2_checkpoints, tmp_path, data_cache, family, ep_size, ranks
+):
+    source = ep2_checkpoints(family)
+    saved = torch.load(source / "dump" / "saved_step2.pt")
+    shutil.copytree(source / "run", tmp_path / "run")
+    overrides = [*FAMILIES[family], "train.steps=3", f"parallel.ep_size={ep_size}"]
+    train(tmp_path / "run", tmp_path / "dump", ranks, data_cache, overrides)
+    assert_identical(saved, torch.load(tmp_path / "dump" / "loaded.pt"))

@@ -8,15 +8,12 @@ over every expert in global numbering.
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from connito.training.relayout import CheckpointLayoutError, Layout, plan_resume
-from tests.helpers import REPO, clean_env, compose_train, small_overrides
-from tests.parallel.test_parallel_ep import free_port
+from tests.helpers import REPO, compose_train, small_overrides, torchrun
 
 pytestmark = pytest.mark.distributed
 
@@ -34,22 +31,8 @@ COMMON = [
 
 
 def train(run_dir, dump_dir, nproc: int, cache, overrides: list[str]) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_port",
-        str(free_port()),
-        str(WORKER),
-        str(run_dir),
-        str(dump_dir),
-        *small_overrides(cache),
-        *COMMON,
-        *overrides,
-    ]
-    proc = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    args = [str(run_dir), str(dump_dir), *small_overrides(cache), *COMMON, *overrides]
+    proc = torchrun(nproc, WORKER, args)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-6000:])
 
 

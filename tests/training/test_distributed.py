@@ -1,38 +1,17 @@
 """Data-parallel training on 2 gloo ranks under torchrun."""
 
 import json
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.helpers import REPO, clean_env, small_overrides
+from tests.helpers import REPO, small_overrides, torchrun
 
 pytestmark = pytest.mark.distributed
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def torchrun(nproc: int, run_dir, overrides: list[str]) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_port",
-        str(free_port()),
-        str(REPO / "tests" / "training" / "dist_worker.py"),
-        str(run_dir),
-        *overrides,
-    ]
-    return subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+def torchrun_worker(nproc: int, run_dir, overrides: list[str]):
+    return torchrun(nproc, REPO / "tests" / "training" / "dist_worker.py", [str(run_dir), *overrides])
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2])
@@ -43,7 +22,7 @@ def test_two_ranks_learn_and_hold_identical_parameters(data_cache, tmp_path, zer
         "train.export=false",
         f"engine=zero{zero_stage}",
     ]
-    proc = torchrun(2, tmp_path / "run", overrides)
+    proc = torchrun_worker(2, tmp_path / "run", overrides)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     digests = [json.loads((tmp_path / "run" / f"params_rank{r}.json").read_text()) for r in (0, 1)]
@@ -68,7 +47,7 @@ def test_zero3_on_two_ranks_exports_the_model_it_trained(data_cache, tmp_path):
         "train.eval_batches=0",
         "engine=zero3",
     ]
-    proc = torchrun(2, tmp_path / "run", overrides)
+    proc = torchrun_worker(2, tmp_path / "run", overrides)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     measured = json.loads((tmp_path / "run" / "summary.json").read_text())["validation_loss"]
