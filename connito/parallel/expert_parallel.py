@@ -5,7 +5,7 @@ to swap each transformers MoE block for an ``AutoEPMoELayer`` at ``deepspeed.ini
 between the two:
 
 * :func:`autoep_section` maps a Connito family (transformers ``model_type``) to the ``"expert_parallel"`` section of
-  the DeepSpeed config (an AutoEP preset);
+  the DeepSpeed config (an AutoEP preset, or AutoEP's custom layer pattern for OLMoE / FlexOlmo);
 * :func:`validate_expert_parallel` refuses, before any work starts, what AutoEP or Connito cannot do;
 * :func:`gather_hf_state_dict` turns the sharded AutoEP layers back into the family's own transformers state dict
   (every expert, global numbering), for the HF export.
@@ -51,9 +51,35 @@ class ExpertParallelError(ValueError):
 @dataclass(frozen=True)
 class AutoEPFamily:
     preset: str | None
-    """The AutoEP ``preset_model`` serving this family, or None when AutoEP cannot serve it."""
+    """The AutoEP ``preset_model`` serving this family, or None (custom pattern, or AutoEP cannot serve it)."""
     why_not: str = ""
+    custom: dict | None = None
+    """AutoEP custom-pattern keys (``moe_layer_pattern`` ...) for a family with no preset. AutoEP's default preset
+    adapter does not retarget transformers' router-logit recorder to the replaced router, so Connito computes
+    the family's load-balancing loss itself (:mod:`connito.parallel.router_aux`)."""
 
+    @property
+    def served(self) -> bool:
+        return self.preset is not None or self.custom is not None
+
+
+# OLMoE / FlexOlmo blocks: ``mlp.gate`` is a router holding ``weight`` [E, H] (softmax over all experts, top-k,
+# renormalised only if ``norm_topk_prob``: AutoEP's default adapter reads ``route_norm`` from that config key),
+# ``mlp.experts`` holds fused ``gate_up_proj`` [E, 2I, H] (gate rows first) and ``down_proj`` [E, H, I], SwiGLU
+# (``hidden_act="silu"``), the routing weight applied to the expert output (``score_apply="post"``).
+OLMOE_PATTERN = {
+    "moe_layer_pattern": r"model\.layers\.\d+\.mlp",
+    "router_pattern": "gate",
+    "expert_pattern": "experts",
+    "expert_w1": "gate_up_proj",
+    "expert_w2": "down_proj",
+    "expert_w3": None,
+    "num_experts_attr": "num_experts",
+    "top_k_attr": "num_experts_per_tok",
+    "score_func": "softmax",
+    "score_apply": "post",
+    "expert_activation": "swiglu",
+}
 
 AUTOEP_FAMILIES: dict[str, AutoEPFamily] = {
     "qwen3_moe": AutoEPFamily("qwen3_moe"),
@@ -63,18 +89,8 @@ AUTOEP_FAMILIES: dict[str, AutoEPFamily] = {
     "mixtral": AutoEPFamily("mixtral"),
     "deepseek_v2": AutoEPFamily("deepseek_v2"),
     "deepseek_v3": AutoEPFamily("deepseek_v3"),
-    "olmoe": AutoEPFamily(
-        None,
-        "AutoEP has no preset for it, and its custom-pattern path (moe_layer_pattern) uses the default preset "
-        "adapter, which does not retarget transformers' router-logit recorders to the replaced router, so the "
-        "family's load-balancing loss (outputs.aux_loss) would silently stop working",
-    ),
-    "flex_olmo": AutoEPFamily(
-        None,
-        "AutoEP has no preset for it, and its custom-pattern path (moe_layer_pattern) uses the default preset "
-        "adapter, which does not retarget transformers' router-logit recorders to the replaced router, so the "
-        "family's load-balancing loss (outputs.aux_loss) would silently stop working",
-    ),
+    "olmoe": AutoEPFamily(None, custom=OLMOE_PATTERN),
+    "flex_olmo": AutoEPFamily(None, custom=OLMOE_PATTERN),
 }
 
 
@@ -131,9 +147,9 @@ def validate_expert_parallel(
     if ep_size == 1:
         return
     family = AUTOEP_FAMILIES.get(model_type)
-    if family is None or family.preset is None:
+    if family is None or not family.served:
         why = family.why_not if family else "Connito has no AutoEP mapping for it"
-        served = ", ".join(sorted(k for k, v in AUTOEP_FAMILIES.items() if v.preset))
+        served = ", ".join(sorted(k for k, v in AUTOEP_FAMILIES.items() if v.served))
         raise ExpertParallelError(
             f"parallel.ep_size={ep_size}: DeepSpeed AutoEP cannot run family '{model_type}': {why}. Set "
             f"parallel.ep_size=1 for this family, or train one AutoEP serves ({served})"
@@ -165,8 +181,10 @@ def autoep_section(model_type: str, ep_size: int) -> dict | None:
     if ep_size == 1:
         return None
     family = AUTOEP_FAMILIES.get(model_type)
-    if family is None or family.preset is None:  # validate_expert_parallel explains; keep this total
+    if family is None or not family.served:  # validate_expert_parallel explains; keep this total
         raise ExpertParallelError(f"DeepSpeed AutoEP cannot run family '{model_type}'")
+    if family.preset is None:
+        return {"enabled": True, "autoep_size": ep_size, **family.custom}
     return {"enabled": True, "autoep_size": ep_size, "preset_model": family.preset}
 
 

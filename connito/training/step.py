@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from connito.parallel.router_aux import aux_loss as router_aux_loss
 from connito.training.batches import PackedSplit, StepSampler
 from connito.training.losses import token_cross_entropy
 
@@ -30,7 +31,7 @@ def train_step(
         input_ids_BT = split.input_ids_NT[sampler.rows(step, micro_step)].to(device)
         outputs = engine(input_ids=input_ids_BT)
         lm_loss = token_cross_entropy(outputs.logits, input_ids_BT).mean()
-        aux_loss = getattr(outputs, "aux_loss", None)
+        aux_loss = router_aux_loss(engine.module, outputs)  # outputs.aux_loss, or Connito's (AutoEP custom pattern)
         loss = lm_loss if aux_loss is None else lm_loss + aux_loss_coef * aux_loss
         engine.backward(loss)
         engine.step()

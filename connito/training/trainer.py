@@ -18,6 +18,7 @@ import torch.distributed as dist
 from connito.data import PreparedData, prepare_data, unigram_cross_entropy
 from connito.experts import adapter_for
 from connito.models.loading import build_model, has_tokenizer, resolve_family, tokenizer_token_ids
+from connito.parallel import router_aux
 from connito.parallel.expert_parallel import num_routed_experts, validate_expert_parallel
 from connito.training import checkpointing, relayout
 from connito.training.batches import PackedSplit, StepSampler
@@ -158,7 +159,7 @@ def run_training(cfg: ConnitoConfig, run_dir: Path) -> TrainResult:
     if resume_from is not None:
         checkpointing.require_complete(resume_from)
         saved_layout = relayout.read_layout(resume_from)
-        convert = relayout.plan_resume(saved_layout, layout)
+        convert = relayout.plan_resume(saved_layout, layout, resume_from)
     run_dir.mkdir(parents=True, exist_ok=True)
     prepared = _prepare_data_once(cfg, info)
     tokenizer = prepared.load_tokenizer()
@@ -169,19 +170,33 @@ def run_training(cfg: ConnitoConfig, run_dir: Path) -> TrainResult:
     )
 
     model = build_model(cfg.model, len(tokenizer), cfg.train.seed, token_ids=tokenizer_token_ids(tokenizer))
-    universal = None
-    if convert:  # rank 0 converts once; the others wait
+    universal, relaid = None, None
+    if convert and layout.zero_stage == 0:  # ZeRO 0 at another ep_size: Connito re-lays it after initialize
+        from functools import partial
+
+        from connito.training import relayout_zero0
+
+        relaid = partial(
+            relayout_zero0.load,
+            checkpoint=resume_from,
+            target=relayout_zero0.folder_for(resume_from, layout.ep_size, layout.world_size),
+            hf_shapes={name: tuple(t.shape) for name, t in model.state_dict().items()},
+            layout=adapter_for(family.model_type).layout,
+            is_main=info.is_main,
+        )
+    elif convert:  # rank 0 converts once; the others wait
         hf_shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
         universal = relayout.prepare_universal(
             resume_from, saved_layout, layout, hf_shapes, adapter_for(family.model_type).layout, info.is_main
         )
     engine, scheduler = _build_engine(model, cfg, info, family.model_type, load_universal=universal is not None)
+    router_aux.attach(engine.module)  # the load-balancing loss where AutoEP hides the router logits from transformers
     device = engine.device
 
     state = checkpointing.TrainState()
     sink = MetricsSink(run_dir, info.is_main, cfg.logging.wandb, cfg.logging.wandb_project, cfg.run.name, asdict(cfg))
     if resume_from is not None:
-        state = checkpointing.load(engine, resume_from, universal=universal)
+        state = checkpointing.load(engine, resume_from, universal=universal, relaid=relaid)
         sink.truncate_after(state.step)
         if info.is_main:
             log.info("resumed from %s at step %d", resume_from, state.step)

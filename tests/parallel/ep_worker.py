@@ -20,6 +20,7 @@ import torch.distributed as dist  # noqa: E402
 from connito.data import prepare_data  # noqa: E402
 from connito.experts import adapter_for  # noqa: E402
 from connito.parallel import autoep_layers, gather_hf_state_dict, local_parameter_count  # noqa: E402
+from connito.parallel.router_aux import aux_loss as router_aux_loss  # noqa: E402
 from connito.training.batches import PackedSplit, StepSampler  # noqa: E402
 from connito.training.losses import token_cross_entropy  # noqa: E402
 from connito.training.trainer import run_training  # noqa: E402
@@ -51,8 +52,9 @@ def next_step_gradients(cfg, engine, rank: int, world_size: int) -> dict[str, to
     engine.train()
     outputs = engine(input_ids=input_ids)
     loss = token_cross_entropy(outputs.logits, input_ids).mean()
-    if getattr(outputs, "aux_loss", None) is not None:
-        loss = loss + cfg.model.aux_loss_coef * outputs.aux_loss
+    aux = router_aux_loss(engine.module, outputs)
+    if aux is not None:
+        loss = loss + cfg.model.aux_loss_coef * aux
     engine.backward(loss)
     params = list(engine.module.parameters())
     saved = [p.data for p in params]

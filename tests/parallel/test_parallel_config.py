@@ -29,6 +29,21 @@ def test_ep_size_1_emits_no_autoep_section():
     assert "expert_parallel" not in build_deepspeed_config(cfg.engine, cfg.optim, cfg.train, 2, cfg.parallel, "olmoe")
 
 
+@pytest.mark.parametrize("model_type", ["olmoe", "flex_olmo"])
+def test_olmoe_families_get_the_autoep_custom_pattern_and_no_preset(model_type):
+    from deepspeed.module_inject.auto_ep_config import parse_autoep_config
+    from deepspeed.module_inject.auto_ep_presets.registry import preset_name_for_hf_model_type
+
+    cfg = compose_train(["parallel.ep_size=2"])
+    section = build_deepspeed_config(cfg.engine, cfg.optim, cfg.train, 4, cfg.parallel, model_type)["expert_parallel"]
+    assert "preset_model" not in section and section["moe_layer_pattern"] == r"model\.layers\.\d+\.mlp"
+    parsed = parse_autoep_config(section)
+    assert (parsed.score_func, parsed.score_apply, parsed.route_norm) == ("softmax", "post", None)  # norm_topk_prob
+    assert parsed.expert_w3 is None and parsed.num_experts_attr == "num_experts"
+    assert preset_name_for_hf_model_type(model_type) is None  # else AutoEP would take its preset over the pattern
+    validate(2, 4, model_type, 8, 0, check_installed=False)
+
+
 def test_every_mapped_preset_exists_in_the_installed_deepspeed():
     from deepspeed.module_inject.auto_ep_presets.registry import PRESET_MODELS
 
@@ -48,8 +63,7 @@ def test_routed_experts_are_read_from_the_model_config():
     [
         (dict(ep_size=3, world_size=3, num_experts=8), ["does not divide the 8 routed experts", "1, 2, 4, 8"]),
         (dict(ep_size=2, world_size=3), ["does not divide the world size 3", "multiple of 2"]),
-        (dict(ep_size=2, model_type="olmoe"), ["family 'olmoe'", "no preset", "parallel.ep_size=1"]),
-        (dict(ep_size=2, model_type="flex_olmo"), ["family 'flex_olmo'", "load-balancing loss"]),
+        (dict(ep_size=2, model_type="gpt_oss"), ["family 'gpt_oss'", "no AutoEP mapping", "parallel.ep_size=1"]),
         (dict(ep_size=2, zero_stage=3), ["engine.zero_stage=3", "zero_stage=0, 1 or 2"]),
         (dict(ep_size=0), ["ep_size=0", "positive"]),
     ],
