@@ -5,8 +5,10 @@ Layout under ``<run_dir>/checkpoints``::
     step_000250/            DeepSpeed's files (model, optimizer, scheduler, per rank) + connito_state.json
                             (the loop's state and the parallel layout that wrote it)
     step_000250/COMPLETE    written by rank 0 after every rank finished writing
-    step_000250/universal/  only after a resume under another layout: DeepSpeed's universal checkpoint
+    step_000250/universal/  only after a resume under another layout (ZeRO 1/2): DeepSpeed's universal checkpoint
                             (see :mod:`connito.training.relayout`)
+    step_000250/relayout-ep2-world4/  only after a ZeRO-0 resume at another ep_size: the checkpoint re-laid for
+                            that layout (see :mod:`connito.training.relayout_zero0`)
     latest                  the tag of the newest COMPLETE checkpoint, replaced atomically
 
 A kill at any moment leaves ``latest`` naming a complete checkpoint (or absent): the marker is written only
@@ -75,6 +77,11 @@ def save(
     engine.save_checkpoint(str(checkpoint_root), tag=tag, save_latest=False)
     if is_main:
         record = asdict(state) if layout is None else {**asdict(state), "layout": layout}
+        from connito.training.relayout_zero0 import optimizer_param_names
+
+        names = optimizer_param_names(engine)
+        if names is not None:  # ZeRO 0: lets a resume at another ep_size re-lay the positional optimizer state
+            record["optimizer_params"] = names
         _write_atomic(target / STATE_FILE, json.dumps(record))
     _barrier()  # every rank's shards are on disk
     if is_main:
@@ -114,14 +121,19 @@ def require_complete(checkpoint: Path) -> None:
         )
 
 
-def load(engine, checkpoint: Path, universal: Path | None = None) -> TrainState:
+def load(engine, checkpoint: Path, universal: Path | None = None, relaid=None) -> TrainState:
     """Collective: restore model, optimizer and scheduler state, and return the loop's state.
 
     ``universal``: the checkpoint's universal conversion (:func:`connito.training.relayout.prepare_universal`),
     loaded instead of DeepSpeed's own files; the engine must run with ``"checkpoint": {"load_universal": true}``.
+    ``relaid``: a ZeRO-0 checkpoint at another ep_size; ``relaid(engine)`` restores it instead of DeepSpeed
+    (:func:`connito.training.relayout_zero0.load`).
     """
     require_complete(checkpoint)
-    if universal is None:
+    if relaid is not None:
+        relaid(engine)
+        load_path = str(checkpoint)
+    elif universal is None:
         load_path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     else:
         from connito.training.relayout import pad_param_groups, restore_groups, snapshot_groups

@@ -4,8 +4,8 @@ Every checkpoint records the layout that wrote it (``connito_state.json`` -> ``l
 zero_stage, model_type). On resume, :func:`plan_resume` compares it with the current run's:
 
 * same layout (or a checkpoint written before layouts were recorded): DeepSpeed loads it as it always did;
-* a layout DeepSpeed cannot load directly (another ``ep_size``; under ZeRO 1/2 also another world size or ZeRO
-  stage): rank 0 converts the checkpoint once into DeepSpeed's topology-agnostic *universal checkpoint*
+* a layout DeepSpeed cannot load directly under ZeRO 1/2 (another ``ep_size``, world size or ZeRO stage between
+  1 and 2): rank 0 converts the checkpoint once into DeepSpeed's topology-agnostic *universal checkpoint*
   (``deepspeed.checkpoint.ds_to_universal``, AutoEP-aware: it consolidates the per-rank expert shards and their
   ZeRO-1/2 Adam state into whole ``[E, ...]`` tensors) at ``<checkpoint>/universal``, atomically, and every rank
   loads it with ``"checkpoint": {"load_universal": true}``, which slices each rank's experts and ZeRO partition
@@ -26,15 +26,22 @@ What Connito adds on top of DeepSpeed's converter:
   the load and recomputes each group's learning rate from the restored scheduler (what a same-layout resume would
   have read from the checkpoint).
 
+ZeRO stage 0 on both sides (another ``ep_size``) is re-laid by Connito itself, not by DeepSpeed:
+DeepSpeed's universal path needs ZeRO 1/2 (or 3) shards (``ds_to_universal`` reads ``zero_pp_rank_*`` optimizer
+files, which a stage-0 run does not write) and a stage-0 engine restores nothing from a universal folder.
+:mod:`connito.training.relayout_zero0` reads DeepSpeed's stage-0 files (module state, per-expert files, the torch
+AdamW state per expert-parallel rank), maps them through the transformers names with the optimizer parameter
+names a ZeRO-0 checkpoint records (``optimizer_params``), writes the current layout's files into
+``<checkpoint>/relayout-ep{N}-world{W}/`` and loads them into the engine after ``deepspeed.initialize``
+(weights, AdamW state, scheduler, step counters). Same-ep stage-0 checkpoints still resume at another world size
+directly (DeepSpeed loads them).
+
 What is refused, before any work, with the fix in the message (:class:`CheckpointLayoutError`):
 
-* ZeRO stage 0 on either side of a conversion. DeepSpeed's universal path needs ZeRO 1/2 (or 3) shards:
-  ``ds_to_universal.main`` builds a ``DeepSpeedCheckpoint`` whose ``ZeROCheckpoint`` reads ``zero_pp_rank_*``
-  optimizer files, which a stage-0 run does not write; and a stage-0 engine restores nothing from a universal
-  folder (``engine.load_checkpoint`` skips the module weights under ``load_universal`` and loads the ``zero/``
-  folder only when ``zero_optimization()`` is on). Re-laying stage-0 checkpoints by hand (weights and the client
-  optimizer's per-index AdamW state) is possible but would fork DeepSpeed's checkpoint format; Connito does not.
-  Same-ep stage-0 checkpoints still resume at another world size (DeepSpeed loads them directly).
+* moving between ZeRO stage 0 and ZeRO stage 1/2 (plain torch AdamW state on one side, flat ZeRO partitions on
+  the other);
+* a ZeRO-0 checkpoint at another ep_size that does not record its optimizer's parameter names (written before
+  Connito recorded them, or by a bf16 engine, whose optimizer keeps flat groups);
 * ZeRO stage 3 conversions (Connito does not run AutoEP under ZeRO-3, and the ZeRO-3 universal path is untested
   here), and a checkpoint of another model family.
 """
@@ -90,8 +97,10 @@ def read_layout(checkpoint: Path) -> Layout | None:
     return Layout(**saved) if saved else None
 
 
-def plan_resume(saved: Layout | None, current: Layout) -> bool:
-    """True when the checkpoint must be converted to a universal checkpoint; raises when it cannot be resumed."""
+def plan_resume(saved: Layout | None, current: Layout, checkpoint: Path | None = None) -> bool:
+    """True when the checkpoint must be converted (ZeRO 1/2: a universal checkpoint; ZeRO 0: re-laid by
+    :mod:`connito.training.relayout_zero0`); raises when it cannot be resumed. ``checkpoint``: checked for the
+    optimizer parameter names a ZeRO-0 re-layout needs."""
     if saved is None or saved == current:
         return False
     if saved.model_type != current.model_type:
@@ -107,15 +116,27 @@ def plan_resume(saved: Layout | None, current: Layout) -> bool:
     if not needs:  # ZeRO 0, same ep_size: DeepSpeed loads the replicated weights and optimizer directly
         return False
     what = f"checkpoint written at {saved.describe()} cannot be resumed at {current.describe()}"
-    if saved.zero_stage == 0 or current.zero_stage == 0:
+    if (saved.zero_stage == 0) != (current.zero_stage == 0):
+        stage0 = "the checkpoint" if saved.zero_stage == 0 else "this run"
         raise CheckpointLayoutError(
-            f"{what}: changing the layout goes through DeepSpeed's universal checkpoints, which need ZeRO stage 1 "
-            "or 2 on both sides (a ZeRO-0 checkpoint has no ZeRO optimizer shards to convert, and a ZeRO-0 engine "
-            f"loads nothing from a universal checkpoint). Resume at parallel.ep_size={saved.ep_size} "
-            f"engine.zero_stage={saved.zero_stage}"
-            + ("" if saved.zero_stage else " (any world size that is a multiple of it)")
-            + ", or train with engine=zero1 (or zero2) from the start"
+            f"{what}: Connito does not move a checkpoint between ZeRO stage 0 and ZeRO stage 1/2 ({stage0} runs "
+            "stage 0, whose optimizer state is the plain torch AdamW state; stage 1/2 keeps flat ZeRO partitions, "
+            "and DeepSpeed's universal checkpoints convert only those). Resume at "
+            f"engine.zero_stage={saved.zero_stage} (any parallel.ep_size"
+            + (")" if saved.zero_stage == 0 else " and world size)")
+            + ", or start a new run"
         )
+    if saved.zero_stage == 0:
+        if checkpoint is not None:
+            from connito.training.relayout_zero0 import recorded_names
+
+            if recorded_names(checkpoint) is None:
+                raise CheckpointLayoutError(
+                    f"{what}: the checkpoint does not record its optimizer's parameter names (written before "
+                    "Connito did, or by a bf16 engine), which a ZeRO-0 re-layout needs. Resume at "
+                    f"parallel.ep_size={saved.ep_size} (any world size that is a multiple of it)"
+                )
+        return True
     if 3 in (saved.zero_stage, current.zero_stage):
         raise CheckpointLayoutError(
             f"{what}: Connito converts checkpoints between ZeRO stage 1 and 2 layouts only. Resume at "

@@ -1,4 +1,5 @@
-"""Checkpoints resume across expert-parallel layouts (DeepSpeed universal checkpoints, gloo, CPU, ZeRO 1/2).
+"""Checkpoints resume across expert-parallel layouts (gloo, CPU): ZeRO 1/2 through DeepSpeed universal
+checkpoints, ZeRO 0 through Connito's own re-layout (:mod:`connito.training.relayout_zero0`).
 
 One ep 2 run on 2 ranks (ZeRO-1) writes checkpoints at steps 2 and 4; each test copies its run directory, keeps
 the step-2 checkpoint and resumes it under another layout. The worker dumps the full transformers state dict
@@ -48,6 +49,13 @@ def ep2_run(tmp_path_factory, data_cache):
     return root
 
 
+@pytest.fixture(scope="session")
+def ep2_zero0_run(tmp_path_factory, data_cache):
+    root = tmp_path_factory.mktemp("relayout-zero0")
+    train(root / "run", root / "dump", 2, data_cache, ["parallel.ep_size=2", "engine=zero0"])
+    return root
+
+
 def resume(ep2_run, tmp_path, cache, nproc: int, overrides: list[str], step: int = 2):
     """Copy the ep 2 run, keep its checkpoint at ``step``, resume it under ``overrides``."""
     run_dir = tmp_path / "run"
@@ -65,6 +73,18 @@ def assert_identical(expected: dict, actual: dict) -> None:
     assert set(actual) == set(expected)
     different = [k for k in expected if not torch.equal(expected[k], actual[k])]
     assert not different, different
+
+
+def assert_same_next_losses(reference_run, resumed_run) -> None:
+    """Steps 3 and 4 after a resume at step 2 follow the original run: the AdamW state came along."""
+    reference, resumed = losses(reference_run), losses(resumed_run)
+    assert len(resumed) == 4
+    torch.testing.assert_close(
+        torch.tensor(resumed[2:], dtype=torch.float64),
+        torch.tensor(reference[2:], dtype=torch.float64),
+        rtol=1e-5,
+        atol=0,
+    )
 
 
 def test_the_checkpoint_records_its_layout(ep2_run):
@@ -111,19 +131,61 @@ def test_ep1_checkpoint_resumes_at_ep2_under_zero2_with_identical_parameters(tmp
     assert_identical(torch.load(tmp_path / "ep1" / "saved_step2.pt"), torch.load(tmp_path / "ep2" / "loaded.pt"))
 
 
+# -- ZeRO 0: Connito's own re-layout ------------------------------------------------------------------------
+
+
+def test_zero0_ep2_checkpoint_resumes_at_ep1_on_2_ranks_with_identical_parameters_and_adam_state(
+    ep2_zero0_run, tmp_path, data_cache
+):
+    run_dir, dump = resume(ep2_zero0_run, tmp_path, data_cache, 2, ["parallel.ep_size=1", "engine=zero0"])
+    assert_identical(torch.load(ep2_zero0_run / "dump" / "saved_step2.pt"), torch.load(dump / "loaded.pt"))
+    assert (run_dir / "checkpoints" / "step_000002" / "relayout-ep1-world2" / "CONVERTED").is_file()
+    assert_same_next_losses(ep2_zero0_run / "run", run_dir)
+    new = json.loads((run_dir / "checkpoints" / "step_000004" / "connito_state.json").read_text())
+    assert new["layout"]["ep_size"] == 1 and new["optimizer_params"]
+
+
+def test_zero0_ep2_checkpoint_resumes_at_ep1_on_1_rank(ep2_zero0_run, tmp_path, data_cache):
+    overrides = ["parallel.ep_size=1", "engine=zero0", "train.micro_batch_size=8"]
+    run_dir, dump = resume(ep2_zero0_run, tmp_path, data_cache, 1, overrides)
+    assert_identical(torch.load(ep2_zero0_run / "dump" / "saved_step2.pt"), torch.load(dump / "loaded.pt"))
+    assert_same_next_losses(ep2_zero0_run / "run", run_dir)
+
+
+def test_zero0_ep2_checkpoint_resumes_at_ep4_on_4_ranks(ep2_zero0_run, tmp_path, data_cache):
+    overrides = ["parallel.ep_size=4", "engine=zero0", "train.micro_batch_size=2"]
+    run_dir, dump = resume(ep2_zero0_run, tmp_path, data_cache, 4, overrides)
+    assert_identical(torch.load(ep2_zero0_run / "dump" / "saved_step2.pt"), torch.load(dump / "loaded.pt"))
+    assert_same_next_losses(ep2_zero0_run / "run", run_dir)
+
+
+def test_zero0_ep1_checkpoint_resumes_at_ep2(tmp_path, data_cache):
+    """The other direction: transformers names -> AutoEP shards."""
+    source = tmp_path / "ep1"
+    train(source / "run", source / "dump", 2, data_cache, ["parallel.ep_size=1", "engine=zero0"])
+    run_dir, dump = resume(source, tmp_path / "ep2", data_cache, 2, ["parallel.ep_size=2", "engine=zero0"])
+    assert_identical(torch.load(source / "dump" / "saved_step2.pt"), torch.load(dump / "loaded.pt"))
+    assert_same_next_losses(source / "run", run_dir)
+
+
 # -- what is refused, and what needs no conversion -------------------------------------------------------------
 
 
-def test_zero0_checkpoint_at_another_ep_size_is_refused_with_the_fix():
+def test_moving_between_zero0_and_zero1_or_2_is_refused_with_the_fix(tmp_path):
     with pytest.raises(CheckpointLayoutError) as error:
-        plan_resume(Layout(2, 2, 0, "qwen3_moe"), Layout(1, 2, 0, "qwen3_moe"))
+        plan_resume(Layout(2, 2, 0, "qwen3_moe"), Layout(1, 2, 1, "qwen3_moe"))
     message = str(error.value)
-    assert "ep_size 2" in message and "ep_size 1" in message and "ZeRO stage 1 or 2" in message
-    assert "parallel.ep_size=2" in message and "engine=zero1" in message
-    with pytest.raises(CheckpointLayoutError, match="ZeRO stage 1 or 2"):
+    assert "ep_size 2" in message and "ep_size 1" in message and "ZeRO stage 0 and ZeRO stage 1/2" in message
+    assert "engine.zero_stage=0" in message
+    with pytest.raises(CheckpointLayoutError, match="engine.zero_stage=1"):
         plan_resume(Layout(2, 2, 1, "qwen3_moe"), Layout(1, 2, 0, "qwen3_moe"))
     with pytest.raises(CheckpointLayoutError, match="'qwen3_moe' model, this run builds 'mixtral'"):
         plan_resume(Layout(2, 2, 1, "qwen3_moe"), Layout(2, 2, 1, "mixtral"))
+    # ZeRO 0 at another ep_size needs the optimizer's parameter names, recorded since the re-layout exists
+    (tmp_path / "connito_state.json").write_text(json.dumps({"step": 2}))
+    with pytest.raises(CheckpointLayoutError, match="does not record its optimizer's parameter names"):
+        plan_resume(Layout(2, 2, 0, "qwen3_moe"), Layout(1, 2, 0, "qwen3_moe"), tmp_path)
+    assert plan_resume(Layout(2, 2, 0, "qwen3_moe"), Layout(1, 2, 0, "qwen3_moe"))
 
 
 def test_layouts_deepspeed_loads_directly_are_not_converted():

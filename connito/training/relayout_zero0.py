@@ -1,0 +1,311 @@
+"""Resuming a ZeRO stage 0 checkpoint at another ``parallel.ep_size`` (see :mod:`connito.training.relayout`).
+
+DeepSpeed's universal checkpoints cannot serve ZeRO 0 (no ZeRO optimizer shards to convert, and a stage-0 engine
+restores nothing from a universal folder), so Connito re-lays these checkpoints itself, reading DeepSpeed's own
+stage-0 files (deepspeed 0.19.8):
+
+* ``mp_rank_00_model_states.pt``: the non-expert module state (AutoEP names at ep > 1, where the router is stored
+  twice, ``router.gate.*`` and its alias ``gate.gate.*``), the LR scheduler, ``global_steps`` / ``global_samples``
+  / ``skipped_steps``, the AutoEP layer table (``ds_autoep_layers``: module path, moe layer id, expert placement)
+  and, at ep 1, the whole torch optimizer state;
+* at ep > 1, ``layer_{L}_expert_{e}_mp_rank_00_model_states.pt``: expert ``e`` (global numbering) of MoE layer
+  ``L`` as ``<module_path>.experts.w{1,2,3}.{e}``, and ``expp_rank_{r}_mp_rank_00_optim_states.pt``: the torch
+  optimizer state of expert-parallel rank ``r`` (its own expert slices, the replicated rest).
+
+A torch optimizer state dict is positional (parameter ``i`` of the flattened groups), so every fp32 ZeRO-0
+checkpoint records the names of its optimizer's parameters, group by group (``connito_state.json`` ->
+``optimizer_params``, :func:`optimizer_param_names`). With them, rank 0 of the resuming run builds, once, the
+whole model and AdamW state
+(exp_avg, exp_avg_sq, step) under the family's transformers names (every expert, global numbering), slices it into
+the current layout (AutoEP names and the contiguous expert range of each ep rank, or the plain transformers names
+at ep 1) and writes one file per ep rank into ``<checkpoint>/relayout-ep{N}-world{W}/`` (temporary folder, marker
+last, atomic rename). Every rank then loads its file into the engine built by ``deepspeed.initialize``: module
+weights (``load_state_dict(strict=True)``), the optimizer state re-indexed for the current engine's groups, the
+scheduler and the engine's step counters: what DeepSpeed's ``load_checkpoint`` restores in the same layout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("connito.training")
+
+MARKER = "CONVERTED"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+EXPERT = re.compile(r"(.*)\.experts\.(w[123])$")
+
+
+def folder_for(checkpoint: Path, ep_size: int, world_size: int) -> Path:
+    return checkpoint / f"relayout-ep{ep_size}-world{world_size}"
+
+
+def _inner(engine):
+    optimizer = engine.optimizer
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def optimizer_param_names(engine) -> list[list[str]] | None:
+    """The names of the optimizer's parameters, group by group; None when its groups hold no module parameters
+    (ZeRO 1/2 and bf16 optimizers keep flat partitions)."""
+    optimizer = _inner(engine)
+    if optimizer is None or not hasattr(optimizer, "param_groups"):
+        return None
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    groups = [[names.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]
+    if any(n is None for g in groups for n in g):
+        return None
+    return groups
+
+
+def recorded_names(checkpoint: Path) -> list[list[str]] | None:
+    from connito.training.checkpointing import STATE_FILE
+
+    return json.loads((checkpoint / STATE_FILE).read_text()).get("optimizer_params")
+
+
+# -- source: DeepSpeed's ZeRO-0 files -> transformers names ---------------------------------------------------
+
+
+def _load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _read_source(checkpoint: Path, names: list[list[str]]):
+    """Full tensors under the source layout's names: module state, optimizer state, engine state, AutoEP prefixes."""
+    model = _load(checkpoint / "mp_rank_00_model_states.pt")
+    module = dict(model["module"])
+    layers = model.get("ds_autoep_layers") or []
+    blocks = []
+    for entry in layers:
+        prefix, layer_id, count = entry["module_path"], entry["moe_layer_id"], entry["num_experts"]
+        placement = entry.get("expert_placement") or {}
+        ep = entry["ep_size"]
+        for item in placement.get("ranks", []):
+            expected = list(range(item["rank"] * count // ep, (item["rank"] + 1) * count // ep))
+            if list(item["experts"]) != expected:
+                raise RuntimeError(f"{prefix}: expert placement {placement} is not contiguous")
+        blocks.append(prefix)
+        experts = [_load(checkpoint / f"layer_{layer_id}_expert_{e}_mp_rank_00_model_states.pt") for e in range(count)]
+        for w in ("w1", "w2", "w3"):
+            module[f"{prefix}.experts.{w}"] = torch.stack(
+                [experts[e][f"{prefix}.experts.{w}.{e}"] for e in range(count)]
+            )
+    if layers:
+        ep_size = layers[0]["ep_size"]
+        optimizers = [
+            _load(checkpoint / f"expp_rank_{r}_mp_rank_00_optim_states.pt")["optimizer"] for r in range(ep_size)
+        ]
+    else:
+        optimizers = [model["optimizer"]]
+    per_rank = []
+    for optimizer in optimizers:
+        groups = optimizer["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(g) for g in names]:
+            raise RuntimeError(
+                f"the optimizer state holds groups of {[len(g['params']) for g in groups]} parameters, "
+                f"connito_state.json names {[len(g) for g in names]}"
+            )
+        by_name = {}
+        for group, group_names in zip(groups, names, strict=True):
+            for index, name in zip(group["params"], group_names, strict=True):
+                if optimizer["state"].get(index):
+                    by_name[name] = optimizer["state"][index]
+        per_rank.append(by_name)
+    optim = {}
+    for name, state in per_rank[0].items():
+        if EXPERT.fullmatch(name) and len(per_rank) > 1:  # expert slices: concatenate in ep-rank order
+            optim[name] = {k: torch.cat([r[name][k] for r in per_rank]) for k in MOMENTS}
+            optim[name]["step"] = state["step"]
+        else:
+            optim[name] = state
+    engine_state = {k: model.get(k) for k in ("lr_scheduler", "global_steps", "global_samples", "skipped_steps")}
+    return module, optim, engine_state, blocks
+
+
+def _to_hf(tensors: dict, blocks: list[str], layout, hf_shapes: dict) -> dict:
+    """AutoEP names (whole [E, ...] experts) -> the family's transformers names; plain names pass through."""
+    out = {}
+    renamed = {
+        "router.gate": layout.router_attr,
+        "router": layout.router_attr,  # e_score_correction_bias
+        "shared_experts": layout.shared_experts_attr,
+        "shared_experts_gate": layout.shared_expert_gate_attr,
+    }
+    for name, tensor in tensors.items():
+        block = next((b for b in blocks if name.startswith(b + ".")), None)
+        if block is None:
+            out[name] = tensor
+            continue
+        rest = name[len(block) + 1 :]
+        if rest.startswith("experts.") or rest.startswith("gate.gate."):
+            continue  # experts below; gate.gate.* is AutoEP's alias of router.gate.*
+        for autoep, hf in sorted(renamed.items(), key=lambda kv: -len(kv[0])):
+            if hf and rest.startswith(autoep + "."):
+                out[f"{block}.{hf}.{rest[len(autoep) + 1 :]}"] = tensor
+                break
+    for block in blocks:
+        if f"{block}.experts.w1" not in tensors:
+            continue
+        gate_up = f"{block}.{layout.experts_attr}.gate_up_proj"
+        down = f"{block}.{layout.experts_attr}.down_proj"
+        fused = torch.cat([tensors[f"{block}.experts.w1"], tensors[f"{block}.experts.w3"]], dim=1)  # [E, 2I, H]
+        if gate_up in hf_shapes and tuple(hf_shapes[gate_up]) != tuple(fused.shape):
+            fused = fused.transpose(1, 2).contiguous()
+        w2 = tensors[f"{block}.experts.w2"]
+        if down in hf_shapes and tuple(hf_shapes[down]) != tuple(w2.shape):
+            w2 = w2.transpose(1, 2).contiguous()
+        out[gate_up], out[down] = fused, w2
+    return {k: v for k, v in out.items() if k in hf_shapes}
+
+
+# -- target: transformers names -> this run's layout ----------------------------------------------------------
+
+
+def _hf_name(name: str, blocks: list[str], layout) -> str:
+    """The transformers name holding target tensor ``name`` (AutoEP experts excepted)."""
+    block = next((b for b in blocks if name.startswith(b + ".")), None)
+    if block is None:
+        return name
+    rest = name[len(block) + 1 :]
+    for autoep, hf in (
+        ("router.gate.", layout.router_attr),
+        ("gate.gate.", layout.router_attr),
+        ("router.", layout.router_attr),
+        ("shared_experts_gate.", layout.shared_expert_gate_attr),
+        ("shared_experts.", layout.shared_experts_attr),
+    ):
+        if hf and rest.startswith(autoep):
+            return f"{block}.{hf}.{rest[len(autoep) :]}"
+    return name
+
+
+def _step_name(name: str, blocks: list[str], layout) -> str:
+    """The transformers parameter a target or source parameter belongs to, experts included."""
+    match = EXPERT.fullmatch(name)
+    if match and match.group(1) in blocks:
+        return f"{match.group(1)}.{layout.experts_attr}.{'down_proj' if match.group(2) == 'w2' else 'gate_up_proj'}"
+    return _hf_name(name, blocks, layout)
+
+
+def _slice(hf: dict, name: str, shape: tuple, blocks: list[str], layout, ep_rank: int) -> torch.Tensor | None:
+    """Target tensor ``name`` of ``shape`` on expert-parallel rank ``ep_rank``, cut out of the transformers dict."""
+    match = EXPERT.fullmatch(name)
+    if not match or match.group(1) not in blocks:
+        tensor = hf.get(_hf_name(name, blocks, layout))
+        return None if tensor is None else tensor.clone()
+    block, w = match.groups()
+    local, lo = shape[0], shape[0] * ep_rank
+    if w == "w2":
+        down = hf.get(f"{block}.{layout.experts_attr}.down_proj")
+        if down is None:
+            return None
+        if tuple(down.shape[1:]) != tuple(shape[1:]):
+            down = down.transpose(1, 2)
+        return down[lo : lo + local].contiguous()
+    fused = hf.get(f"{block}.{layout.experts_attr}.gate_up_proj")
+    if fused is None:
+        return None
+    width = shape[1]
+    if tuple(fused.shape[1:]) != (2 * width, shape[2]):
+        fused = fused.transpose(1, 2)
+    rows = slice(0, width) if w == "w1" else slice(width, 2 * width)
+    return fused[lo : lo + local, rows].contiguous()
+
+
+def _target_blocks(engine) -> tuple[list[str], int, int]:
+    from connito.parallel.expert_parallel import autoep_layers
+
+    layers = autoep_layers(engine.module)
+    if not layers:
+        return [], 0, 1
+    first = next(iter(layers.values()))
+    return list(layers), first.ep_rank, dist.get_world_size(group=first.ep_group)
+
+
+def _convert(checkpoint: Path, target: Path, engine, hf_shapes: dict, layout) -> None:
+    names = recorded_names(checkpoint)
+    module, optim, engine_state, source_blocks = _read_source(checkpoint, names)
+    hf_params = _to_hf(module, source_blocks, layout, hf_shapes)
+    missing = sorted(set(hf_shapes) - set(hf_params))
+    if missing:
+        raise RuntimeError(f"the checkpoint lacks {missing[:8]}")
+    hf_moments = {k: _to_hf({n: s[k] for n, s in optim.items()}, source_blocks, layout, hf_shapes) for k in MOMENTS}
+    hf_steps = {}  # AdamW keeps one step per parameter; a fused tensor takes its first source's
+    for name, saved in optim.items():
+        hf_steps.setdefault(_step_name(name, source_blocks, layout), saved["step"])
+
+    blocks, _, ep_size = _target_blocks(engine)
+    target_shapes = {k: tuple(v.shape) for k, v in engine.module.state_dict().items()}
+    param_names = [n for n, _ in engine.module.named_parameters()]
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for ep_rank in range(ep_size):
+        state = {}
+        for name, shape in target_shapes.items():
+            tensor = _slice(hf_params, name, shape, blocks, layout, ep_rank)
+            if tensor is None or tuple(tensor.shape) != shape:
+                raise RuntimeError(f"cannot rebuild {name} {shape} from the checkpoint")
+            state[name] = tensor
+        optimizer = {}
+        for name in param_names:
+            moments = {k: _slice(hf_moments[k], name, target_shapes[name], blocks, layout, ep_rank) for k in MOMENTS}
+            hf = _step_name(name, blocks, layout)
+            if any(m is None for m in moments.values()) or hf not in hf_steps:
+                continue  # no AdamW state yet (never stepped)
+            optimizer[name] = {"step": hf_steps[hf].clone(), **moments}
+        torch.save({"module": state, "optimizer": optimizer}, tmp / f"ep_rank_{ep_rank}.pt")
+    torch.save(engine_state, tmp / "engine_state.pt")
+    (tmp / MARKER).write_text("")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def load(engine, checkpoint: Path, target: Path, hf_shapes: dict, layout, is_main: bool) -> None:
+    """Collective: rank 0 re-lays ``checkpoint`` into ``target`` once (atomically); every rank loads its part."""
+    from connito.training.relayout import restore_groups, snapshot_groups
+
+    error: list[str] = [""]
+    if is_main and not (target / MARKER).is_file():
+        log.info("re-laying the ZeRO-0 checkpoint %s into %s", checkpoint, target)
+        try:
+            _convert(checkpoint, target, engine, hf_shapes, layout)
+        except Exception as exc:  # noqa: BLE001 - reported on every rank below
+            error[0] = f"{type(exc).__name__}: {exc}"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise RuntimeError(f"re-laying {checkpoint} for this layout failed: {error[0]}")
+
+    _, ep_rank, _ = _target_blocks(engine)
+    payload = _load(target / f"ep_rank_{ep_rank}.pt")
+    engine.module.load_state_dict(payload["module"], strict=True)
+    groups = snapshot_groups(engine)
+    optimizer = _inner(engine)
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    state, param_groups, index = {}, [], 0
+    for group in optimizer.param_groups:
+        ids = []
+        for param in group["params"]:
+            saved = payload["optimizer"].get(names[id(param)])
+            if saved is not None:
+                state[index] = saved
+            ids.append(index)
+            index += 1
+        param_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+    engine_state = _load(target / "engine_state.pt")
+    if engine.lr_scheduler is not None and engine_state["lr_scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(engine_state["lr_scheduler"])
+    restore_groups(engine, groups)
+    engine.global_steps = engine_state["global_steps"]
+    engine.global_samples = engine_state["global_samples"]
+    engine.skipped_steps = engine_state["skipped_steps"]
