@@ -9,7 +9,9 @@ from connito.training.checkpointing import TrainState
 
 
 class FakeEngine:
-    """Writes a shard file like DeepSpeed does; can die half-way."""
+    """Writes a shard file like DeepSpeed does; can die half-way. No optimizer (as under an inference engine)."""
+
+    optimizer = None
 
     def __init__(self, die: bool = False):
         self.die = die
