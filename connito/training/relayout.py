@@ -150,6 +150,22 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def convert_once_on_main(marker: Path, convert, what: str, is_main: bool) -> None:
+    """Collective: rank 0 runs ``convert`` unless ``marker`` already exists (a finished earlier conversion); an
+    error there is raised on every rank, so no rank waits forever for a conversion that failed."""
+    error: list[str] = [""]
+    if is_main and not marker.is_file():
+        log.info("%s", what)
+        try:
+            convert()
+        except Exception as exc:  # noqa: BLE001 - reported on every rank below
+            error[0] = f"{type(exc).__name__}: {exc}"
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise RuntimeError(f"{what} failed: {error[0]}")
+
+
 def prepare_universal(checkpoint: Path, saved: Layout, current: Layout, hf_shapes: dict, layout, is_main: bool) -> Path:
     """Collective: rank 0 converts ``checkpoint`` into ``<checkpoint>/universal`` once (atomically); all wait.
 
@@ -157,19 +173,12 @@ def prepare_universal(checkpoint: Path, saved: Layout, current: Layout, hf_shape
     says how the family stores fused experts. ``layout``: the family's :class:`connito.experts.adapter.MoELayout`.
     """
     target = checkpoint / UNIVERSAL
-    error: list[str] = [""]
-    if is_main and not (target / UNIVERSAL_MARKER).is_file():
-        log.info(
-            "converting %s (%s) into a universal checkpoint for %s", checkpoint, saved.describe(), current.describe()
-        )
-        try:
-            _convert(checkpoint, target, hf_shapes, layout)
-        except Exception as exc:  # noqa: BLE001 - reported on every rank below
-            error[0] = f"{type(exc).__name__}: {exc}"
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(error, src=0)
-    if error[0]:
-        raise RuntimeError(f"converting {checkpoint} to a universal checkpoint failed: {error[0]}")
+    convert_once_on_main(
+        target / UNIVERSAL_MARKER,
+        lambda: _convert(checkpoint, target, hf_shapes, layout),
+        f"converting {checkpoint} ({saved.describe()}) into a universal checkpoint for {current.describe()}",
+        is_main,
+    )
     if is_main and (target / UNIVERSAL_MARKER).is_file():
         log.info("resuming %s through its universal checkpoint %s", checkpoint, target)
     return target

@@ -27,7 +27,6 @@ scheduler and the engine's step counters: what DeepSpeed's ``load_checkpoint`` r
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -35,8 +34,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-log = logging.getLogger("connito.training")
 
 MARKER = "CONVERTED"
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -271,19 +268,14 @@ def _convert(checkpoint: Path, target: Path, engine, hf_shapes: dict, layout) ->
 
 def load(engine, checkpoint: Path, target: Path, hf_shapes: dict, layout, is_main: bool) -> None:
     """Collective: rank 0 re-lays ``checkpoint`` into ``target`` once (atomically); every rank loads its part."""
-    from connito.training.relayout import restore_groups, snapshot_groups
+    from connito.training.relayout import convert_once_on_main, restore_groups, snapshot_groups
 
-    error: list[str] = [""]
-    if is_main and not (target / MARKER).is_file():
-        log.info("re-laying the ZeRO-0 checkpoint %s into %s", checkpoint, target)
-        try:
-            _convert(checkpoint, target, engine, hf_shapes, layout)
-        except Exception as exc:  # noqa: BLE001 - reported on every rank below
-            error[0] = f"{type(exc).__name__}: {exc}"
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(error, src=0)
-    if error[0]:
-        raise RuntimeError(f"re-laying {checkpoint} for this layout failed: {error[0]}")
+    convert_once_on_main(
+        target / MARKER,
+        lambda: _convert(checkpoint, target, engine, hf_shapes, layout),
+        f"re-laying the ZeRO-0 checkpoint {checkpoint} into {target}",
+        is_main,
+    )
 
     _, ep_rank, _ = _target_blocks(engine)
     payload = _load(target / f"ep_rank_{ep_rank}.pt")
