@@ -1,7 +1,12 @@
 """Connito: modular Mixture-of-Experts training on DeepSpeed.
 
 Install torch first (``pip install torch==2.13.0`` takes the local CPU wheel on our machines), then
-``pip install -e ".[test]"``. The ranges below are the ones tested together; see README.md.
+``pip install -e ".[test]"``; see README.md.
+
+torch, deepspeed and transformers are pinned to the versions tested together: Connito reads and rewrites
+DeepSpeed 0.19.8's private stage-0 checkpoint files and relies on its AutoEP, which breaks on transformers
+5.23.0. ``torch==2.13.0`` also accepts local builds of that version (2.13.0+cpu, 2.13.0+cu126, ...). The other
+dependencies are ranges.
 """
 
 from pathlib import Path
@@ -11,11 +16,11 @@ from setuptools import find_packages, setup
 HERE = Path(__file__).parent
 
 INSTALL_REQUIRES = [
-    "torch>=2.4",
-    # AutoEP (expert parallelism) is tested on 0.19.8; later 0.19.x patch releases are accepted.
-    "deepspeed>=0.19.8,<0.20",
+    "torch==2.13.0",  # matches local builds too: 2.13.0+cpu, 2.13.0+cu126
+    # Connito parses this version's private ZeRO stage-0 checkpoint files and runs expert parallelism on its AutoEP.
+    "deepspeed==0.19.8",
     # DeepSpeed 0.19.8's AutoEP breaks on transformers 5.23.0 (_CanRecordRegistry.get() signature).
-    "transformers>=5.8,<5.23",
+    "transformers==5.22.2",
     "hydra-core>=1.3.2,<1.4",
     "omegaconf>=2.3",
     "datasets>=3.0",

@@ -1,28 +1,23 @@
-"""The ``connito`` command: ``connito <command> [hydra overrides]``."""
+"""The ``connito`` command: ``connito <command> [hydra overrides]``; the commands are in :mod:`connito.cli.commands`."""
 
 import os
 import sys
+from collections.abc import Sequence
 
-USAGE = """usage: connito <command> [key=value ...] [hydra flags]
+# Light imports only up here: the library environment defaults must be set before anything imports datasets.
+from connito.cli.command import Command, check_table, discover, find, hydra_app
+from connito.cli.logs import set_library_env_defaults
+from connito.cli.overrides import unknown_key_message
 
-commands:
-  train           train a MoE model with DeepSpeed (no arguments: the tiny quickstart on the bundled data)
-  data prepare    build the domain-labelled corpus, tokenizer and packed sequences into the cache
-
-Every command is a Hydra app: pass overrides as key=value, `--cfg job` prints the composed config,
+USAGE_FOOTER = """Every command is a Hydra app: pass overrides as key=value, `--cfg job` prints the composed config,
 `-m` runs a sweep (e.g. `connito train -m optim.lr=1e-3,3e-3`), `--help` lists the config groups.
 """
 
 
-def _run_hydra_app(app, prog: str, args: list[str], schema) -> None:
-    from connito.cli.overrides import unknown_key_message
-
-    message = unknown_key_message(schema, args, prog.removeprefix("connito "))
-    if message:
-        print(message, file=sys.stderr)
-        sys.exit(1)
-    sys.argv = [prog, *args]
-    app()
+def usage(commands: Sequence[Command]) -> str:
+    width = max([12, *(len(command.name) for command in commands)]) + 4
+    rows = "\n".join(f"  {command.name:<{width}}{command.summary}" for command in commands)
+    return f"usage: connito <command> [key=value ...] [hydra flags]\n\ncommands:\n{rows}\n\n{USAGE_FOOTER}"
 
 
 def _absorb_local_rank(args: list[str]) -> list[str]:
@@ -36,25 +31,26 @@ def _absorb_local_rank(args: list[str]) -> list[str]:
     return kept
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, commands: Sequence[Command] | None = None) -> None:
+    """Dispatch ``argv`` (default ``sys.argv[1:]``) to a command of ``commands`` (default: the discovered table)."""
+    set_library_env_defaults()  # before any command module imports datasets / transformers
+    commands = discover() if commands is None else check_table(commands)
     args = _absorb_local_rank(sys.argv[1:] if argv is None else list(argv))
     if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE)
+        print(usage(commands))
         sys.exit(0 if args else 2)
-    command, rest = args[0], args[1:]
-    if command == "train":
-        from connito.cli.train_app import train_app
-        from connito.training.config import ConnitoConfig
-
-        _run_hydra_app(train_app, "connito train", rest, ConnitoConfig)
-    elif command == "data" and rest[:1] == ["prepare"]:
-        from connito.cli.data_app import data_prepare_app
-        from connito.cli.schema import DataPrepareConfig
-
-        _run_hydra_app(data_prepare_app, "connito data prepare", rest[1:], DataPrepareConfig)
-    else:
-        print(f"connito: unknown command '{' '.join(args[:2])}'\n\n{USAGE}", file=sys.stderr)
+    found = find(commands, args)
+    if found is None:
+        width = max([1, *(len(c.words) for c in commands if c.words[0] == args[0])])
+        print(f"connito: unknown command '{' '.join(args[:width])}'\n\n{usage(commands)}", file=sys.stderr)
         sys.exit(2)
+    command, rest = found
+    message = unknown_key_message(command.schema, rest, command.name)
+    if message:
+        print(message, file=sys.stderr)
+        sys.exit(1)
+    sys.argv = [f"connito {command.name}", *rest]
+    hydra_app(command)()
 
 
 if __name__ == "__main__":

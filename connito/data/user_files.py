@@ -128,7 +128,8 @@ def read_hub(cfg: DataConfig, cache_dir: Path) -> dict[str, list[str]]:
     except Exception as err:
         raise DataError(
             f"could not load hub dataset '{cfg.hub_name}' split '{cfg.hub_split}': {err}. "
-            "Check the name and your connection, or use data.source=files"
+            "Check the name and your connection (the connito command runs offline unless you export "
+            "HF_HUB_OFFLINE=0), or use data.source=files"
         ) from err
     docs: dict[str, list[str]] = defaultdict(list)
     _collect(ds, cfg, f"hub dataset '{cfg.hub_name}'", None, docs)

@@ -1,10 +1,41 @@
 """The `connito` command as a user runs it: usage, bad input before any training, a Hydra sweep."""
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_cli, small_overrides
+from connito.cli.command import discover
+from tests.helpers import clean_env, run_cli, small_overrides
+
+HUB_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def installed_script() -> Path:
+    """The `connito` console script that `pip install -e .` put next to this interpreter (or on PATH)."""
+    beside = Path(sys.executable).parent / "connito"
+    if beside.is_file():
+        return beside
+    found = shutil.which("connito")
+    if found is None:
+        pytest.skip(f"no `connito` console script beside {sys.executable} or on PATH: run pip install -e .")
+    return Path(found)
+
+
+def test_the_installed_console_script_lists_every_command_and_composes_train(tmp_path):
+    script = installed_script()
+    help_ = subprocess.run([script, "--help"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True)
+    assert help_.returncode == 0, help_.stderr[-3000:]
+    for command in discover():
+        assert f"  {command.name} " in help_.stdout and command.summary in help_.stdout, command.name
+    job = subprocess.run(
+        [script, "train", "--cfg", "job"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True
+    )
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert "ep_size" in job.stdout
 
 
 def test_no_command_prints_usage_and_fails():
@@ -65,6 +96,35 @@ def test_data_prepare_command(data_cache, tmp_path):
     proc = run_cli(["data", "prepare", *small_overrides(data_cache)[:4]], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"prepared data in {data_cache}" in proc.stdout
+
+
+@pytest.mark.parametrize(("exported", "offline"), [(None, True), ("0", False)], ids=["default", "user-says-0"])
+def test_the_hub_is_offline_for_datasets_unless_the_user_exported_otherwise(data_cache, tmp_path, exported, offline):
+    """`datasets` reads HF_HUB_OFFLINE once, on import, and the command modules import it: the default must be in
+    the environment before main() discovers the commands, not set later inside the Hydra app."""
+    report = (
+        "import sys\n"
+        "from connito.cli.main import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "finally:\n"
+        "    import datasets, huggingface_hub.constants\n"
+        "    print('offline:', datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)\n"
+    )
+    env = {k: v for k, v in clean_env().items() if k not in HUB_ENV}
+    if exported is not None:
+        env["HF_HUB_OFFLINE"] = exported
+    proc = subprocess.run(
+        [sys.executable, "-c", report, "data", "prepare", *small_overrides(data_cache)[:4]],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"prepared data in {data_cache}" in proc.stdout
+    assert f"offline: {offline} {offline}" in proc.stdout
 
 
 @pytest.mark.slow
