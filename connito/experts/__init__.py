@@ -1,23 +1,23 @@
-"""Expert addressing and model-family adapters (layer 1): everything above talks to experts only through this.
+"""The one view of a model's experts (layer 1): everything above reaches experts only through this package.
 
 Shape legend used across the package: L decoder layers, E routed experts per MoE layer, H hidden size,
-I routed expert FFN width.
+I routed expert FFN width, N expert-parallel size.
 """
 
-from connito.experts.adapter import ExpertParamSlice, MoEAdapter, MoELayout, ParameterCount
 from connito.experts.addressing import ExpertAddressError, ExpertId, ExpertMask, check_expert_id
-from connito.experts.registry import adapter_for, register_adapter, supported_model_types
+from connito.experts.blocks import ExpertParamSlice, MoEBlock, autoep_layer_class
+from connito.experts.view import ExpertView, ParameterCount, decoder_layers, family_of
 
 __all__ = [
     "ExpertAddressError",
     "ExpertId",
     "ExpertMask",
     "ExpertParamSlice",
-    "MoEAdapter",
-    "MoELayout",
+    "ExpertView",
+    "MoEBlock",
     "ParameterCount",
-    "adapter_for",
+    "autoep_layer_class",
     "check_expert_id",
-    "register_adapter",
-    "supported_model_types",
+    "decoder_layers",
+    "family_of",
 ]

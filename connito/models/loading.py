@@ -74,9 +74,9 @@ def build_hf_config(cfg: ModelConfig, vocab_size: int, token_ids: dict[str, int]
             )
         except (TypeError, ValueError) as err:
             raise ModelError(f"model.hf_config is not valid for family '{family.model_type}': {err}") from None
-    use_aux = family.has_aux_loss and cfg.aux_loss_coef > 0
-    config.output_router_logits = use_aux
-    config.router_aux_loss_coef = cfg.aux_loss_coef
+    if family.is_moe:
+        config.output_router_logits = family.has_aux_loss and cfg.aux_loss_coef > 0
+        config.router_aux_loss_coef = cfg.aux_loss_coef
     if cfg.aux_loss_coef > 0 and not family.has_aux_loss:
         log.info("family %s: %s; model.aux_loss_coef has no effect", family.model_type, family.notes)
     return config

@@ -1,7 +1,6 @@
 """Model parallelism beyond data parallelism: expert parallelism on DeepSpeed AutoEP (``parallel.ep_size``)."""
 
 from connito.parallel.expert_parallel import (
-    AUTOEP_FAMILIES,
     ExpertParallelError,
     autoep_layers,
     autoep_section,
@@ -15,7 +14,6 @@ from connito.parallel.expert_parallel import (
 )
 
 __all__ = [
-    "AUTOEP_FAMILIES",
     "ExpertParallelError",
     "autoep_layers",
     "autoep_section",

@@ -20,33 +20,24 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
+
+from connito.training.collective import barrier
+from connito.training.optimizer_groups import optimizer_param_names, pad_param_groups, restore_groups, snapshot_groups
+from connito.training.run_state import CALLBACK_STATE_FILE, STATE_FILE, TrainState
 
 log = logging.getLogger("connito.training")
 
 MARKER = "COMPLETE"
 LATEST = "latest"
-STATE_FILE = "connito_state.json"
-
-
-@dataclass
-class TrainState:
-    """What the loop needs besides DeepSpeed's own state to continue exactly where it stopped."""
-
-    step: int = 0
-    tokens_seen: int = 0
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:06d}"
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -63,32 +54,40 @@ def is_complete(checkpoint: Path) -> bool:
 
 
 def save(
-    engine, checkpoint_root: Path, state: TrainState, is_main: bool, keep: int, layout: dict | None = None
+    engine,
+    checkpoint_root: Path,
+    state: TrainState,
+    is_main: bool,
+    keep: int,
+    layout: dict | None = None,
+    callback_state: dict | None = None,
 ) -> Path:
     """Collective: every rank must call it. ``layout`` (ep_size, world_size, zero_stage, model_type) is recorded
-    in ``connito_state.json`` so a resume under another layout knows what to convert."""
+    in ``connito_state.json`` so a resume under another layout knows what to convert; ``callback_state`` (the
+    run's callbacks' ``state_dict()``s by name, rank 0's) goes to ``callback_state.pt``, written before the
+    ``COMPLETE`` marker like everything else."""
     tag = tag_for(state.step)
     target = checkpoint_root / tag
     if is_main:
         if target.exists():  # a leftover from a run killed while writing this very step
             shutil.rmtree(target)
         checkpoint_root.mkdir(parents=True, exist_ok=True)
-    _barrier()
+    barrier()
     engine.save_checkpoint(str(checkpoint_root), tag=tag, save_latest=False)
     if is_main:
         record = asdict(state) if layout is None else {**asdict(state), "layout": layout}
-        from connito.training.relayout_zero0 import optimizer_param_names
-
         names = optimizer_param_names(engine)
         if names is not None:  # ZeRO 0: lets a resume at another ep_size re-lay the positional optimizer state
             record["optimizer_params"] = names
         _write_atomic(target / STATE_FILE, json.dumps(record))
-    _barrier()  # every rank's shards are on disk
+        if callback_state:
+            torch.save(callback_state, target / CALLBACK_STATE_FILE)
+    barrier()  # every rank's shards are on disk
     if is_main:
         _write_atomic(target / MARKER, "")
         _write_atomic(checkpoint_root / LATEST, tag)
         _prune(checkpoint_root, keep, protect=tag)
-    _barrier()
+    barrier()
     return target
 
 
@@ -136,8 +135,6 @@ def load(engine, checkpoint: Path, universal: Path | None = None, relaid=None) -
     elif universal is None:
         load_path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     else:
-        from connito.training.relayout import pad_param_groups, restore_groups, snapshot_groups
-
         groups = snapshot_groups(engine)
         pad_param_groups(universal, len(groups), not dist.is_initialized() or dist.get_rank() == 0)
         load_path, _ = engine.load_checkpoint(str(universal.parent), tag=universal.name)
@@ -146,3 +143,10 @@ def load(engine, checkpoint: Path, universal: Path | None = None, relaid=None) -
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {checkpoint}")
     record = json.loads((checkpoint / STATE_FILE).read_text())
     return TrainState(**{f.name: record[f.name] for f in fields(TrainState) if f.name in record})
+
+
+def load_callback_state(checkpoint: Path) -> dict:
+    """The callbacks' states saved with ``checkpoint`` (tensors, numbers, strings and containers of them only:
+    loaded with ``weights_only=True``, nothing else is unpickled); empty when it saved none."""
+    path = checkpoint / CALLBACK_STATE_FILE
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {}

@@ -1,6 +1,7 @@
 """Typed configs of the trainer (Hydra groups ``optim``, ``engine``) and the root config of ``connito train``."""
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from connito.data.config import DataConfig
 from connito.models.config import ModelConfig
@@ -99,3 +100,11 @@ class ConnitoConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    plugins: list[str] = field(default_factory=list)
+    """Python modules to import before the run: where your ``@register_callback`` (or ``register_family``) lines
+    live, e.g. ``plugins='[my_pkg.methods]'``."""
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    """Callbacks to add to the run, in order: ``{name: {option: value}}``, each name registered with
+    ``connito.training.callbacks.register_callback`` (in Connito or in a module listed under ``plugins``), e.g.
+    ``connito train plugins='[my_pkg.methods]' +callbacks.my_method.coef=0.1`` (``+callbacks.my_method={}`` for no
+    options)."""

@@ -50,16 +50,18 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from connito.experts.autoep_mapping import autoep_names, fuse_experts, hf_name, split_experts
+from connito.models.families import MoELayout
+from connito.training.collective import convert_once_on_main
+from connito.training.run_state import Layout, recorded_names
 
 log = logging.getLogger("connito.training")
 
@@ -70,31 +72,6 @@ STATES = ("fp32", "exp_avg", "exp_avg_sq")
 
 class CheckpointLayoutError(ValueError):
     """A checkpoint that cannot be resumed under the current layout; the message names the fix."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    ep_size: int
-    world_size: int
-    zero_stage: int
-    model_type: str
-
-    def describe(self) -> str:
-        return f"ep_size {self.ep_size}, world size {self.world_size}, ZeRO stage {self.zero_stage} ({self.model_type})"
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-def read_layout(checkpoint: Path) -> Layout | None:
-    """The layout recorded in a checkpoint's ``connito_state.json``; None for checkpoints written before."""
-    from connito.training.checkpointing import STATE_FILE
-
-    path = checkpoint / STATE_FILE
-    if not path.is_file():
-        return None
-    saved = json.loads(path.read_text()).get("layout")
-    return Layout(**saved) if saved else None
 
 
 def plan_resume(saved: Layout | None, current: Layout, checkpoint: Path | None = None) -> bool:
@@ -128,8 +105,6 @@ def plan_resume(saved: Layout | None, current: Layout, checkpoint: Path | None =
         )
     if saved.zero_stage == 0:
         if checkpoint is not None:
-            from connito.training.relayout_zero0 import recorded_names
-
             if recorded_names(checkpoint) is None:
                 raise CheckpointLayoutError(
                     f"{what}: the checkpoint does not record its optimizer's parameter names (written before "
@@ -145,37 +120,13 @@ def plan_resume(saved: Layout | None, current: Layout, checkpoint: Path | None =
     return True
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def convert_once_on_main(marker: Path, convert, what: str, is_main: bool) -> None:
-    """Collective: rank 0 runs ``convert`` unless ``marker`` already exists (a finished earlier conversion); an
-    error there is raised on every rank, so no rank waits forever for a conversion that failed."""
-    error: list[str] = [""]
-    if is_main and not marker.is_file():
-        log.info("%s", what)
-        try:
-            convert()
-        except Exception as exc:  # noqa: BLE001 - reported on every rank below
-            error[0] = f"{type(exc).__name__}: {exc}"
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(error, src=0)
-    if error[0]:
-        raise RuntimeError(f"{what} failed: {error[0]}")
-
-
-def prepare_universal(checkpoint: Path, saved: Layout, current: Layout, hf_shapes: dict, layout, is_main: bool) -> Path:
+def prepare_universal(checkpoint: Path, saved: Layout, current: Layout, layout: MoELayout, is_main: bool) -> Path:
     """Collective: rank 0 converts ``checkpoint`` into ``<checkpoint>/universal`` once (atomically); all wait.
-
-    ``hf_shapes``: parameter name -> shape of the plain transformers model of this run (before AutoEP), which
-    says how the family stores fused experts. ``layout``: the family's :class:`connito.experts.adapter.MoELayout`.
-    """
+    ``layout``: the family's :class:`connito.models.MoELayout`."""
     target = checkpoint / UNIVERSAL
     convert_once_on_main(
         target / UNIVERSAL_MARKER,
-        lambda: _convert(checkpoint, target, hf_shapes, layout),
+        lambda: _convert(checkpoint, target, layout),
         f"converting {checkpoint} ({saved.describe()}) into a universal checkpoint for {current.describe()}",
         is_main,
     )
@@ -184,7 +135,7 @@ def prepare_universal(checkpoint: Path, saved: Layout, current: Layout, hf_shape
     return target
 
 
-def _convert(checkpoint: Path, target: Path, hf_shapes: dict, layout) -> None:
+def _convert(checkpoint: Path, target: Path, layout: MoELayout) -> None:
     from types import SimpleNamespace
 
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
@@ -208,7 +159,7 @@ def _convert(checkpoint: Path, target: Path, hf_shapes: dict, layout) -> None:
     except Exception as exc:
         raise RuntimeError(f"{exc}\n{output.getvalue()[-3000:]}") from exc
     (checkpoint / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer to the tmp name
-    add_name_aliases(tmp / "zero", hf_shapes, layout)
+    add_name_aliases(tmp / "zero", layout)
     (tmp / UNIVERSAL_MARKER).write_text("")
     os.replace(tmp, target)
 
@@ -249,15 +200,14 @@ def _param(payload) -> torch.Tensor:
     return payload["param"] if isinstance(payload, dict) else payload
 
 
-def add_name_aliases(zero: Path, hf_shapes: dict, layout) -> None:
-    """Write every AutoEP tensor of a universal ``zero/`` folder under its transformers name too, and back.
+def add_name_aliases(zero: Path, layout: MoELayout) -> None:
+    """Write every AutoEP tensor of a universal ``zero/`` folder under its transformers name too, and back, with
+    the mapping of :mod:`connito.experts.autoep_mapping`.
 
     A folder holds ``fp32.pt`` (and ``exp_avg.pt``, ``exp_avg_sq.pt``, ``step.pt`` where the optimizer holds
-    state). ``hf_shapes`` gives the transformers shapes (some classes store fused experts transposed).
+    state); elementwise optimizer states follow the same concatenation as the parameters.
     """
     names = {p.name for p in zero.iterdir() if p.is_dir()}
-    experts_attr, router_attr = layout.experts_attr, layout.router_attr
-    renamed = [("shared_experts", layout.shared_experts_attr), ("shared_experts_gate", layout.shared_expert_gate_attr)]
 
     # AutoEP -> transformers
     for name in sorted(names):
@@ -265,122 +215,44 @@ def add_name_aliases(zero: Path, hf_shapes: dict, layout) -> None:
         if not match:
             continue
         block = match.group(1)
-        w1, w2, w3 = (zero / f"{block}.experts.{w}" for w in ("w1", "w2", "w3"))
-        gate_up, down = f"{block}.{experts_attr}.gate_up_proj", f"{block}.{experts_attr}.down_proj"
-        if gate_up not in names:
+        sources = {w: zero / f"{block}.experts.{w}" for w in ("w1", "w2", "w3")}
+        targets = {p: f"{block}.{layout.experts_attr}.{p}" for p in ("gate_up_proj", "down_proj")}
+        if targets["gate_up_proj"] not in names:
             for state in STATES:
-                gate, up = _load(w1, state), _load(w3, state)
-                if gate is None or up is None:
+                parts = {w: _load(folder, state) for w, folder in sources.items()}
+                if any(part is None for part in parts.values()):
                     continue
-                fused = torch.cat([_param(gate), _param(up)], dim=1)  # [E, 2I, H], gate rows first
-                if gate_up in hf_shapes and tuple(hf_shapes[gate_up]) != tuple(fused.shape):
-                    fused = fused.transpose(1, 2).contiguous()
-                _write(zero / gate_up, state, {"param": fused})
-            _copy_step([w1, w3], zero / gate_up)
-        if down not in names:
-            for state in STATES:
-                payload = _load(w2, state)
-                if payload is None:
-                    continue
-                tensor = _param(payload)
-                if down in hf_shapes and tuple(hf_shapes[down]) != tuple(tensor.shape):
-                    tensor = tensor.transpose(1, 2).contiguous()
-                _write(zero / down, state, {"param": tensor})
-            _copy_step([w2], zero / down)
-        for sub in [n for n in names if n.startswith(f"{block}.router.gate.")]:
-            _alias(zero, sub, f"{block}.{router_attr}." + sub[len(f"{block}.router.gate.") :])
-        for autoep_attr, hf_attr in renamed:
-            if hf_attr and hf_attr != autoep_attr:
-                for sub in [n for n in names if n.startswith(f"{block}.{autoep_attr}.")]:
-                    _alias(zero, sub, f"{block}.{hf_attr}." + sub[len(f"{block}.{autoep_attr}.") :])
+                fused = fuse_experts(*(_param(parts[w]) for w in ("w1", "w3", "w2")))
+                for param, target in targets.items():
+                    _write(zero / target, state, {"param": fused[param]})
+            _copy_step([sources["w1"], sources["w3"]], zero / targets["gate_up_proj"])
+            _copy_step([sources["w2"]], zero / targets["down_proj"])
+        # AutoEP also exposes its router under the family's name (``<router>.gate.*``), a duplicate without
+        # optimizer state: alias from the canonical ``router.*`` tensors only.
+        skip = (f"{block}.experts.", f"{block}.{layout.router_attr}.")
+        for sub in [n for n in names if n.startswith(f"{block}.") and not n.startswith(skip)]:
+            mapped = hf_name(sub[len(block) + 1 :], layout)
+            if mapped is not None:
+                _alias(zero, sub, f"{block}.{mapped}")
 
     # transformers -> AutoEP
     for name in sorted(names):
-        match = re.fullmatch(rf"(.*)\.{re.escape(experts_attr)}\.gate_up_proj", name)
+        match = re.fullmatch(rf"(.*)\.{re.escape(layout.experts_attr)}\.gate_up_proj", name)
         if not match or f"{match.group(1)}.experts.w1" in names:
             continue
         block = match.group(1)
-        source_up, source_down = zero / name, zero / f"{block}.{experts_attr}.down_proj"
+        source_up, source_down = zero / name, zero / f"{block}.{layout.experts_attr}.down_proj"
         for state in STATES:
             fused, down = _load(source_up, state), _load(source_down, state)
             if fused is None or down is None:
                 continue
-            fused, down = _param(fused), _param(down)
-            if not (fused.shape[1] == 2 * down.shape[2] and fused.shape[2] == down.shape[1]):
-                # not [E, 2I, H] / [E, H, I]: the class stores them transposed, [E, H, 2I] / [E, I, H]
-                fused, down = fused.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
-            width = fused.shape[1] // 2
-            num_experts = fused.shape[0]
-            for w, tensor in (("w1", fused[:, :width]), ("w3", fused[:, width:]), ("w2", down)):
-                _write(
-                    zero / f"{block}.experts.{w}",
-                    state,
-                    {
-                        "param": tensor.contiguous(),
-                        "cat_dim": 0,
-                        "is_expert_param": True,
-                        "ep_num_experts": num_experts,
-                    },
-                )
+            fused = _param(fused)
+            for w, tensor in split_experts(fused, _param(down)).items():
+                meta = {"cat_dim": 0, "is_expert_param": True, "ep_num_experts": fused.shape[0]}
+                _write(zero / f"{block}.experts.{w}", state, {"param": tensor.contiguous(), **meta})
         for w in ("w1", "w2", "w3"):
             _copy_step([source_up, source_down], zero / f"{block}.experts.{w}")
-        for sub in [n for n in names if n.startswith(f"{block}.{router_attr}.")]:
-            rest = sub[len(f"{block}.{router_attr}.") :]
-            _alias(zero, sub, f"{block}.router.gate.{rest}")
-            _alias(zero, sub, f"{block}.gate.gate.{rest}")
-        for autoep_attr, hf_attr in renamed:
-            if hf_attr and hf_attr != autoep_attr:
-                for sub in [n for n in names if n.startswith(f"{block}.{hf_attr}.")]:
-                    _alias(zero, sub, f"{block}.{autoep_attr}." + sub[len(f"{block}.{hf_attr}.") :])
-
-
-# -- after the load ------------------------------------------------------------------------------------------
-
-
-def snapshot_groups(engine) -> list[dict]:
-    """The current run's optimizer group settings (everything but the parameters)."""
-    return [{k: v for k, v in group.items() if k != "params"} for group in _groups(engine)]
-
-
-def _groups(engine) -> list[dict]:
-    optimizer = engine.optimizer
-    inner = getattr(optimizer, "optimizer", optimizer)
-    return inner.param_groups
-
-
-def pad_param_groups(universal: Path, count: int, is_main: bool) -> None:
-    """Collective: give the universal folder's ``optimizer_state.pt`` at least ``count`` param groups.
-
-    DeepSpeed restores the optimizer group by group, zipping the current groups with the checkpoint's
-    (``base_optimizer.load_hp_checkpoint_state_from_checkpoint_dir``): a run with more groups than the checkpoint
-    (ep 1 -> ep 2 adds the expert group) would silently skip the extra ones. Their settings are padding only;
-    :func:`restore_groups` puts the current run's settings back after the load.
-    """
-    path = universal / "zero" / "optimizer_state.pt"
-    if is_main:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        groups = state["param_groups"]
-        if len(groups) < count:
-            groups.extend(dict(groups[-1]) for _ in range(count - len(groups)))
-            tmp = path.with_name(f".{path.name}.tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
-    _barrier()
-
-
-def restore_groups(engine, snapshot: list[dict]) -> None:
-    """Undo DeepSpeed's positional copy of the checkpoint's group settings; learning rates from the scheduler."""
-    groups = _groups(engine)
-    for group, saved in zip(groups, snapshot, strict=True):
-        for key in [k for k in group if k != "params" and k not in saved]:
-            del group[key]
-        group.update(saved)
-    scheduler = engine.lr_scheduler
-    lambdas = getattr(scheduler, "lr_lambdas", None)
-    if scheduler is None or lambdas is None:
-        return
-    scheduler.base_lrs = [group["initial_lr"] for group in groups]
-    lrs = [base * fn(scheduler.last_epoch) for fn, base in zip(lambdas, scheduler.base_lrs, strict=True)]
-    for group, lr in zip(groups, lrs):
-        group["lr"] = lr
-    scheduler._last_lr = list(lrs)
+        experts_prefix = f"{block}.{layout.experts_attr}."
+        for sub in [n for n in names if n.startswith(f"{block}.") and not n.startswith(experts_prefix)]:
+            for alias in autoep_names(sub[len(block) + 1 :], layout):
+                _alias(zero, sub, f"{block}.{alias}")

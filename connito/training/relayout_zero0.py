@@ -26,46 +26,32 @@ scheduler and the engine's step counters: what DeepSpeed's ``load_checkpoint`` r
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from connito.experts.autoep_mapping import (
+    AUTOEP_EXPERT_NAME,
+    autoep_slice,
+    block_of,
+    hf_expert_param,
+    hf_name,
+    to_hf_state,
+)
+from connito.models.families import MoELayout
+from connito.training.collective import convert_once_on_main
+from connito.training.optimizer_groups import inner_optimizer, restore_groups, snapshot_groups
+from connito.training.run_state import recorded_names
+
 MARKER = "CONVERTED"
 MOMENTS = ("exp_avg", "exp_avg_sq")
-EXPERT = re.compile(r"(.*)\.experts\.(w[123])$")
 
 
 def folder_for(checkpoint: Path, ep_size: int, world_size: int) -> Path:
     return checkpoint / f"relayout-ep{ep_size}-world{world_size}"
-
-
-def _inner(engine):
-    optimizer = engine.optimizer
-    return getattr(optimizer, "optimizer", optimizer)
-
-
-def optimizer_param_names(engine) -> list[list[str]] | None:
-    """The names of the optimizer's parameters, group by group; None when its groups hold no module parameters
-    (ZeRO 1/2 and bf16 optimizers keep flat partitions)."""
-    optimizer = _inner(engine)
-    if optimizer is None or not hasattr(optimizer, "param_groups"):
-        return None
-    names = {id(p): n for n, p in engine.module.named_parameters()}
-    groups = [[names.get(id(p)) for p in g["params"]] for g in optimizer.param_groups]
-    if any(n is None for g in groups for n in g):
-        return None
-    return groups
-
-
-def recorded_names(checkpoint: Path) -> list[list[str]] | None:
-    from connito.training.checkpointing import STATE_FILE
-
-    return json.loads((checkpoint / STATE_FILE).read_text()).get("optimizer_params")
 
 
 # -- source: DeepSpeed's ZeRO-0 files -> transformers names ---------------------------------------------------
@@ -118,7 +104,7 @@ def _read_source(checkpoint: Path, names: list[list[str]]):
         per_rank.append(by_name)
     optim = {}
     for name, state in per_rank[0].items():
-        if EXPERT.fullmatch(name) and len(per_rank) > 1:  # expert slices: concatenate in ep-rank order
+        if AUTOEP_EXPERT_NAME.fullmatch(name) and len(per_rank) > 1:  # expert slices: concatenate in ep-rank order
             optim[name] = {k: torch.cat([r[name][k] for r in per_rank]) for k in MOMENTS}
             optim[name]["step"] = state["step"]
         else:
@@ -127,94 +113,19 @@ def _read_source(checkpoint: Path, names: list[list[str]]):
     return module, optim, engine_state, blocks
 
 
-def _to_hf(tensors: dict, blocks: list[str], layout, hf_shapes: dict) -> dict:
+def _to_hf(tensors: dict, blocks: list[str], layout: MoELayout, hf_names: set[str]) -> dict:
     """AutoEP names (whole [E, ...] experts) -> the family's transformers names; plain names pass through."""
-    out = {}
-    renamed = {
-        "router.gate": layout.router_attr,
-        "router": layout.router_attr,  # e_score_correction_bias
-        "shared_experts": layout.shared_experts_attr,
-        "shared_experts_gate": layout.shared_expert_gate_attr,
-    }
-    for name, tensor in tensors.items():
-        block = next((b for b in blocks if name.startswith(b + ".")), None)
-        if block is None:
-            out[name] = tensor
-            continue
-        rest = name[len(block) + 1 :]
-        if rest.startswith("experts.") or rest.startswith("gate.gate."):
-            continue  # experts below; gate.gate.* is AutoEP's alias of router.gate.*
-        for autoep, hf in sorted(renamed.items(), key=lambda kv: -len(kv[0])):
-            if hf and rest.startswith(autoep + "."):
-                out[f"{block}.{hf}.{rest[len(autoep) + 1 :]}"] = tensor
-                break
-    for block in blocks:
-        if f"{block}.experts.w1" not in tensors:
-            continue
-        gate_up = f"{block}.{layout.experts_attr}.gate_up_proj"
-        down = f"{block}.{layout.experts_attr}.down_proj"
-        fused = torch.cat([tensors[f"{block}.experts.w1"], tensors[f"{block}.experts.w3"]], dim=1)  # [E, 2I, H]
-        if gate_up in hf_shapes and tuple(hf_shapes[gate_up]) != tuple(fused.shape):
-            fused = fused.transpose(1, 2).contiguous()
-        w2 = tensors[f"{block}.experts.w2"]
-        if down in hf_shapes and tuple(hf_shapes[down]) != tuple(w2.shape):
-            w2 = w2.transpose(1, 2).contiguous()
-        out[gate_up], out[down] = fused, w2
-    return {k: v for k, v in out.items() if k in hf_shapes}
+    return {k: v for k, v in to_hf_state(tensors, blocks, layout).items() if k in hf_names}
 
 
-# -- target: transformers names -> this run's layout ----------------------------------------------------------
-
-
-def _hf_name(name: str, blocks: list[str], layout) -> str:
-    """The transformers name holding target tensor ``name`` (AutoEP experts excepted)."""
-    block = next((b for b in blocks if name.startswith(b + ".")), None)
-    if block is None:
-        return name
-    rest = name[len(block) + 1 :]
-    for autoep, hf in (
-        ("router.gate.", layout.router_attr),
-        ("gate.gate.", layout.router_attr),
-        ("router.", layout.router_attr),
-        ("shared_experts_gate.", layout.shared_expert_gate_attr),
-        ("shared_experts.", layout.shared_experts_attr),
-    ):
-        if hf and rest.startswith(autoep):
-            return f"{block}.{hf}.{rest[len(autoep) :]}"
-    return name
-
-
-def _step_name(name: str, blocks: list[str], layout) -> str:
+def _step_name(name: str, blocks: list[str], layout: MoELayout) -> str:
     """The transformers parameter a target or source parameter belongs to, experts included."""
-    match = EXPERT.fullmatch(name)
+    match = AUTOEP_EXPERT_NAME.fullmatch(name)
     if match and match.group(1) in blocks:
-        return f"{match.group(1)}.{layout.experts_attr}.{'down_proj' if match.group(2) == 'w2' else 'gate_up_proj'}"
-    return _hf_name(name, blocks, layout)
-
-
-def _slice(hf: dict, name: str, shape: tuple, blocks: list[str], layout, ep_rank: int) -> torch.Tensor | None:
-    """Target tensor ``name`` of ``shape`` on expert-parallel rank ``ep_rank``, cut out of the transformers dict."""
-    match = EXPERT.fullmatch(name)
-    if not match or match.group(1) not in blocks:
-        tensor = hf.get(_hf_name(name, blocks, layout))
-        return None if tensor is None else tensor.clone()
-    block, w = match.groups()
-    local, lo = shape[0], shape[0] * ep_rank
-    if w == "w2":
-        down = hf.get(f"{block}.{layout.experts_attr}.down_proj")
-        if down is None:
-            return None
-        if tuple(down.shape[1:]) != tuple(shape[1:]):
-            down = down.transpose(1, 2)
-        return down[lo : lo + local].contiguous()
-    fused = hf.get(f"{block}.{layout.experts_attr}.gate_up_proj")
-    if fused is None:
-        return None
-    width = shape[1]
-    if tuple(fused.shape[1:]) != (2 * width, shape[2]):
-        fused = fused.transpose(1, 2)
-    rows = slice(0, width) if w == "w1" else slice(width, 2 * width)
-    return fused[lo : lo + local, rows].contiguous()
+        return f"{match.group(1)}.{layout.experts_attr}.{hf_expert_param(match.group(2))}"
+    where = block_of(name, blocks)
+    mapped = None if where is None else hf_name(where[1], layout)
+    return name if mapped is None else f"{where[0]}.{mapped}"
 
 
 def _target_blocks(engine) -> tuple[list[str], int, int]:
@@ -227,14 +138,14 @@ def _target_blocks(engine) -> tuple[list[str], int, int]:
     return list(layers), first.ep_rank, dist.get_world_size(group=first.ep_group)
 
 
-def _convert(checkpoint: Path, target: Path, engine, hf_shapes: dict, layout) -> None:
+def _convert(checkpoint: Path, target: Path, engine, hf_names: set[str], layout: MoELayout) -> None:
     names = recorded_names(checkpoint)
     module, optim, engine_state, source_blocks = _read_source(checkpoint, names)
-    hf_params = _to_hf(module, source_blocks, layout, hf_shapes)
-    missing = sorted(set(hf_shapes) - set(hf_params))
+    hf_params = _to_hf(module, source_blocks, layout, hf_names)
+    missing = sorted(hf_names - set(hf_params))
     if missing:
         raise RuntimeError(f"the checkpoint lacks {missing[:8]}")
-    hf_moments = {k: _to_hf({n: s[k] for n, s in optim.items()}, source_blocks, layout, hf_shapes) for k in MOMENTS}
+    hf_moments = {k: _to_hf({n: s[k] for n, s in optim.items()}, source_blocks, layout, hf_names) for k in MOMENTS}
     hf_steps = {}  # AdamW keeps one step per parameter; a fused tensor takes its first source's
     for name, saved in optim.items():
         hf_steps.setdefault(_step_name(name, source_blocks, layout), saved["step"])
@@ -248,13 +159,14 @@ def _convert(checkpoint: Path, target: Path, engine, hf_shapes: dict, layout) ->
     for ep_rank in range(ep_size):
         state = {}
         for name, shape in target_shapes.items():
-            tensor = _slice(hf_params, name, shape, blocks, layout, ep_rank)
+            tensor = autoep_slice(hf_params, name, blocks, layout, shape[0], ep_rank)
             if tensor is None or tuple(tensor.shape) != shape:
                 raise RuntimeError(f"cannot rebuild {name} {shape} from the checkpoint")
             state[name] = tensor
         optimizer = {}
         for name in param_names:
-            moments = {k: _slice(hf_moments[k], name, target_shapes[name], blocks, layout, ep_rank) for k in MOMENTS}
+            local = target_shapes[name][0]
+            moments = {k: autoep_slice(hf_moments[k], name, blocks, layout, local, ep_rank) for k in MOMENTS}
             hf = _step_name(name, blocks, layout)
             if any(m is None for m in moments.values()) or hf not in hf_steps:
                 continue  # no AdamW state yet (never stepped)
@@ -266,13 +178,12 @@ def _convert(checkpoint: Path, target: Path, engine, hf_shapes: dict, layout) ->
     os.replace(tmp, target)
 
 
-def load(engine, checkpoint: Path, target: Path, hf_shapes: dict, layout, is_main: bool) -> None:
-    """Collective: rank 0 re-lays ``checkpoint`` into ``target`` once (atomically); every rank loads its part."""
-    from connito.training.relayout import convert_once_on_main, restore_groups, snapshot_groups
-
+def load(engine, checkpoint: Path, target: Path, hf_names: set[str], layout: MoELayout, is_main: bool) -> None:
+    """Collective: rank 0 re-lays ``checkpoint`` into ``target`` once (atomically); every rank loads its part.
+    ``hf_names``: the state-dict names of this run's plain transformers model (before AutoEP)."""
     convert_once_on_main(
         target / MARKER,
-        lambda: _convert(checkpoint, target, engine, hf_shapes, layout),
+        lambda: _convert(checkpoint, target, engine, hf_names, layout),
         f"re-laying the ZeRO-0 checkpoint {checkpoint} into {target}",
         is_main,
     )
@@ -281,7 +192,7 @@ def load(engine, checkpoint: Path, target: Path, hf_shapes: dict, layout, is_mai
     payload = _load(target / f"ep_rank_{ep_rank}.pt")
     engine.module.load_state_dict(payload["module"], strict=True)
     groups = snapshot_groups(engine)
-    optimizer = _inner(engine)
+    optimizer = inner_optimizer(engine)
     names = {id(p): n for n, p in engine.module.named_parameters()}
     state, param_groups, index = {}, [], 0
     for group in optimizer.param_groups:

@@ -1,5 +1,6 @@
 """A training process killed with SIGKILL resumes, by rerunning the same command, onto the exact loss curve of
-an uninterrupted run."""
+an uninterrupted run, with a test callback (tests/training/probe_callback.py: a loss term, a gradient hook, state
+kept across steps) whose state the checkpoints carry: its logged state must match too."""
 
 import json
 import signal
@@ -7,12 +8,13 @@ import subprocess
 import sys
 import time
 
-from tests.helpers import clean_env, small_overrides
+from tests.helpers import REPO, clean_env, small_overrides
 
 
-def curve(run_dir) -> list[float]:
+def curve(run_dir) -> list[dict]:
+    """Every logged training record but its wall-clock speed."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["train/loss"] for r in records if "train/loss" in r]
+    return [{k: v for k, v in r.items() if k != "train/tokens_per_s"} for r in records if "train/loss" in r]
 
 
 def test_sigkill_then_rerun_reproduces_the_uninterrupted_loss_curve(data_cache, tmp_path):
@@ -22,18 +24,25 @@ def test_sigkill_then_rerun_reproduces_the_uninterrupted_loss_curve(data_cache, 
         "train.checkpoint_every=3",
         "train.eval_every=0",
         "train.export=false",
+        "plugins=[tests.training.probe_callback]",
+        "+callbacks.probe.coef=0.05",
         *small_overrides(data_cache),
     ]
     command = [sys.executable, "-m", "connito", *args]
     straight = subprocess.run(
-        command + ["run.name=straight"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300
+        command + ["run.name=straight"],
+        cwd=tmp_path,
+        env=clean_env(PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     victim = subprocess.Popen(
         command + ["run.name=killed"],
         cwd=tmp_path,
-        env=clean_env(),
+        env=clean_env(PYTHONPATH=str(REPO)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -50,8 +59,15 @@ def test_sigkill_then_rerun_reproduces_the_uninterrupted_loss_curve(data_cache, 
     assert latest in {"step_000003", "step_000006"}
 
     resumed = subprocess.run(
-        command + ["run.name=killed"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300
+        command + ["run.name=killed"],
+        cwd=tmp_path,
+        env=clean_env(PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout + resumed.stderr
-    assert curve(tmp_path / "runs" / "killed") == curve(tmp_path / "runs" / "straight")
+    resumed_curve, straight_curve = curve(tmp_path / "runs" / "killed"), curve(tmp_path / "runs" / "straight")
+    assert resumed_curve == straight_curve
+    assert [r["probe/steps"] for r in straight_curve] == list(range(1, 15))  # the callback's state came back

@@ -1,4 +1,4 @@
-"""Tiny models of every MoE family the expert adapters support (hidden 64, 3 layers, 8 experts, top-2)."""
+"""Tiny models of every MoE family the expert view supports (hidden 64, 3 layers, 8 experts, top-2)."""
 
 import pytest
 import torch

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from connito.experts import ExpertAddressError, ExpertId, ExpertMask, adapter_for
+from connito.experts import ExpertAddressError, ExpertId, ExpertMask, ExpertView
 
 # 4 decoder layers, layer 0 dense (DeepSeek's first_k_dense_replace=1), 6 routed experts per MoE layer
 SHAPE = {"num_layers": 4, "num_experts": 6, "moe_layers": [1, 2, 3]}
@@ -113,8 +113,8 @@ def test_masks_of_different_models_do_not_mix():
         ExpertMask.empty(**SHAPE) | other
 
 
-def test_adapter_mask_matches_the_model(tiny_builder):
+def test_view_mask_matches_the_model(tiny_builder):
     model = tiny_builder("deepseek_v2")
-    mask = adapter_for(model).empty_mask(model)
+    mask = ExpertView(model).empty_mask()
     assert mask.shape == (3, 8) and mask.moe_layers == (1, 2)
     assert ExpertMask.from_json(ExpertMask.full(3, 8, [1, 2]).to_json()).ids()[0] == (1, 0)

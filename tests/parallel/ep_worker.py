@@ -18,11 +18,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from connito.data import prepare_data  # noqa: E402
-from connito.experts import adapter_for  # noqa: E402
+from connito.experts import ExpertView  # noqa: E402
 from connito.parallel import autoep_layers, gather_hf_state_dict, local_parameter_count  # noqa: E402
-from connito.parallel.router_aux import aux_loss as router_aux_loss  # noqa: E402
 from connito.training.batches import PackedSplit, StepSampler  # noqa: E402
-from connito.training.losses import token_cross_entropy  # noqa: E402
+from connito.training.step import forward_loss, micro_batch  # noqa: E402
 from connito.training.trainer import run_training  # noqa: E402
 from tests.helpers import compose_train  # noqa: E402
 
@@ -41,20 +40,19 @@ def optimizer_state_numel(model: torch.nn.Module, optimizer) -> int:
     return total
 
 
-def next_step_gradients(cfg, engine, rank: int, world_size: int) -> dict[str, torch.Tensor]:
-    """Backward (no update) of the loss of step ``cfg.train.steps`` through the engine, gathered in global numbering.
+def next_step_gradients(cfg, result, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """Backward (no update) of the loss of step ``cfg.train.steps`` through the engine, with the run's own loss
+    terms (the load-balancing loss included), gathered in global numbering.
 
     Collective. Each parameter's data is swapped for its gradient while ``gather_hf_state_dict`` reads the model.
     """
+    engine = result.engine
     split = PackedSplit.from_dataset(prepare_data(cfg.data, progress=False).load_split("train"))
     sampler = StepSampler(len(split), cfg.train.micro_batch_size, 1, world_size, rank, cfg.train.seed)
-    input_ids = split.input_ids_NT[sampler.rows(cfg.train.steps, 0)]
     engine.train()
-    outputs = engine(input_ids=input_ids)
-    loss = token_cross_entropy(outputs.logits, input_ids).mean()
-    aux = router_aux_loss(engine.module, outputs)
-    if aux is not None:
-        loss = loss + cfg.model.aux_loss_coef * aux
+    loss, _, _ = forward_loss(
+        engine, micro_batch(split, sampler, cfg.train.steps, 0, engine.device), result.trainer.loss_terms
+    )
     engine.backward(loss)
     params = list(engine.module.parameters())
     saved = [p.data for p in params]
@@ -82,7 +80,7 @@ def main() -> None:
         from transformers import AutoModelForCausalLM
 
         full = AutoModelForCausalLM.from_pretrained(result.export_dir, dtype=torch.float32)
-        count = adapter_for(full).count_parameters(full)
+        count = ExpertView(full).count_parameters()
         report.update(non_expert=count.non_expert, per_expert=count.per_expert, routed=count.num_routed_experts)
     report["optimizer_state"] = optimizer_state_numel(model, result.engine.optimizer)
     (run_dir / f"rank{rank}.json").write_text(json.dumps(report))
@@ -95,7 +93,7 @@ def main() -> None:
     if rank == 0:
         torch.save({"input_ids": input_ids, "logits": logits.cpu()}, run_dir / "logits.pt")
     if cfg.engine.zero_stage == 0:  # ZeRO 1/2 keep gradients in flat partitions, not in param.grad
-        grads = next_step_gradients(cfg, result.engine, rank, dist.get_world_size())
+        grads = next_step_gradients(cfg, result, rank, dist.get_world_size())
         if rank == 0:
             torch.save(grads, run_dir / "grads.pt")
     dist.barrier()

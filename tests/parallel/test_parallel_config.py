@@ -3,7 +3,8 @@
 import pytest
 from packaging.version import Version
 
-from connito.parallel import AUTOEP_FAMILIES, ExpertParallelError, check_versions, num_routed_experts
+from connito.models import get_family, moe_families
+from connito.parallel import ExpertParallelError, check_versions, num_routed_experts
 from connito.parallel import validate_expert_parallel as validate
 from connito.training.deepspeed_config import build_deepspeed_config
 from tests.helpers import compose_train, run_cli, small_overrides
@@ -47,10 +48,12 @@ def test_olmoe_families_get_the_autoep_custom_pattern_and_no_preset(model_type):
 def test_every_mapped_preset_exists_in_the_installed_deepspeed():
     from deepspeed.module_inject.auto_ep_presets.registry import PRESET_MODELS
 
-    for model_type, family in AUTOEP_FAMILIES.items():
-        if family.preset is not None:
-            assert family.preset in PRESET_MODELS
-            assert model_type in PRESET_MODELS[family.preset].hf_model_types
+    for model_type in moe_families():
+        autoep = get_family(model_type).autoep
+        assert autoep is not None, model_type  # every built-in MoE family runs expert parallel
+        if autoep.preset is not None:
+            assert autoep.preset in PRESET_MODELS
+            assert model_type in PRESET_MODELS[autoep.preset].hf_model_types
 
 
 def test_routed_experts_are_read_from_the_model_config():
@@ -64,6 +67,7 @@ def test_routed_experts_are_read_from_the_model_config():
         (dict(ep_size=3, world_size=3, num_experts=8), ["does not divide the 8 routed experts", "1, 2, 4, 8"]),
         (dict(ep_size=2, world_size=3), ["does not divide the world size 3", "multiple of 2"]),
         (dict(ep_size=2, model_type="gpt_oss"), ["family 'gpt_oss'", "no AutoEP mapping", "parallel.ep_size=1"]),
+        (dict(ep_size=2, model_type="llama"), ["family 'llama'", "dense model (no experts to split)"]),
         (dict(ep_size=2, zero_stage=3), ["engine.zero_stage=3", "zero_stage=0, 1 or 2"]),
         (dict(ep_size=0), ["ep_size=0", "positive"]),
     ],
@@ -83,10 +87,10 @@ def test_ep_size_1_accepts_anything():
 @pytest.mark.parametrize(
     "deepspeed, transformers, words",
     [
-        ("0.19.7", "5.22.2", ["deepspeed>=0.19.8,<0.20", "installed deepspeed==0.19.7"]),
-        ("0.20.0", "5.22.2", ["deepspeed==0.20.0"]),
+        ("0.19.7", "5.22.2", ["tested with deepspeed==0.19.8", "installed deepspeed==0.19.7"]),
+        ("0.19.9", "5.22.2", ["deepspeed==0.19.9", "pip install 'deepspeed==0.19.8'"]),
         ("0.19.8", "5.23.0", ["transformers>=5.8,<5.23", "transformers==5.23.0"]),
-        ("0.19.9", "5.7.0", ["transformers==5.7.0"]),
+        ("0.19.8", "5.7.0", ["transformers==5.7.0"]),
     ],
 )
 def test_untested_library_versions_are_refused(deepspeed, transformers, words):

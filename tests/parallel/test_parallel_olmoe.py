@@ -2,7 +2,7 @@
 
 AutoEP has no preset for these families; Connito hands it the layer pattern (connito.parallel.expert_parallel.
 OLMOE_PATTERN) and, since AutoEP's default adapter leaves transformers' router-logit recorder pointing at the
-replaced router class, computes the loss from hooks on the AutoEP routers (connito.parallel.router_aux). At ep 1
+replaced router class, computes the loss from router observation (connito.routing.load_balancing). At ep 1
 the plain transformers blocks return ``outputs.aux_loss``; both must agree step by step.
 """
 
@@ -22,15 +22,14 @@ def runs(tmp_path_factory, data_cache):
     return Runs(tmp_path_factory.mktemp("olmoe-runs"), data_cache)
 
 
-def test_connito_load_balancing_loss_is_transformers_formula():
+def test_the_observed_load_balancing_loss_is_transformers_own_function():
     from transformers.models.olmoe.modeling_olmoe import load_balancing_loss_func
 
-    from connito.parallel.router_aux import load_balancing_loss
+    from connito.models import get_family
+    from connito.routing.load_balancing import transformers_loss_function
 
-    torch.manual_seed(0)
-    logits = [torch.randn(24, 8) for _ in range(3)]
-    expected = load_balancing_loss_func(tuple(logits), 8, 2)
-    assert torch.equal(load_balancing_loss(logits, 8, 2), expected)
+    assert transformers_loss_function(get_family("olmoe")) is load_balancing_loss_func
+    assert get_family("flex_olmo").load_balancing_loss.endswith("modeling_flex_olmo:load_balancing_loss_func")
 
 
 def test_olmoe_ep2_matches_ep1_losses_and_aux_losses(runs):

@@ -58,3 +58,26 @@ def test_zero3_on_two_ranks_exports_the_model_it_trained(data_cache, tmp_path):
         reloaded, split, prepared.domains, 4, 0, rank=0, world_size=1, device=torch.device("cpu")
     )
     assert recomputed == pytest.approx(measured, rel=1e-5)
+
+
+def test_a_callback_hooks_the_expert_parallel_model_once_the_engine_is_built(data_cache, tmp_path):
+    """Under parallel.ep_size=2 the engine-built event sees AutoEP's swapped layers: the test callback's gradient
+    hook sits on an AutoEP router, fires once per micro-batch on every rank, and its loss term is logged."""
+    overrides = small_overrides(data_cache) + [
+        "train.steps=3",
+        "train.grad_accum=2",
+        "train.eval_every=0",
+        "train.export=false",
+        "parallel.ep_size=2",
+        "plugins=[tests.training.probe_callback]",
+        "+callbacks.probe.coef=0.01",
+    ]
+    proc = torchrun_worker(2, tmp_path / "run", overrides)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    hooked = json.loads((tmp_path / "run" / "probe_hooked.json").read_text())
+    assert hooked == {"block": "AutoEPMoEBlock", "ep_size": 2}
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "train/loss" in r]
+    assert [r["probe/steps"] for r in steps] == [1, 2, 3]
+    assert [r["probe/hook_calls"] for r in steps] == [2, 4, 6]
+    assert all(r["train/probe_l2"] > 0 for r in steps)

@@ -1,0 +1,27 @@
+"""Callbacks and loss terms: how methods plug into the one trainer (see :mod:`.base`)."""
+
+from connito.training.callbacks.base import (
+    Callback,
+    CallbackError,
+    LossTerm,
+    MicroBatch,
+    build_callbacks,
+    check_loss_value,
+    import_plugins,
+    register_callback,
+    registered_callbacks,
+    resolve_callback,
+)
+
+__all__ = [
+    "Callback",
+    "CallbackError",
+    "LossTerm",
+    "MicroBatch",
+    "build_callbacks",
+    "check_loss_value",
+    "import_plugins",
+    "register_callback",
+    "registered_callbacks",
+    "resolve_callback",
+]
