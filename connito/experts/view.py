@@ -308,7 +308,6 @@ class ExpertView:
 
     def count_parameters(self) -> ParameterCount:
         """Counts of the whole (unsharded) model: ``non_expert + num_routed_experts * per_expert``."""
-        held = {id(p): p for p in self.model.parameters()}
         local_expert_numel, per_layer = 0, set()
         for _, block in self.blocks():
             params = block.stacked_params()
@@ -316,5 +315,5 @@ class ExpertView:
             per_layer.add(sum(p[0].numel() for p in params.values()))
         if len(per_layer) > 1:
             raise ExpertAddressError(f"routed experts differ in size across layers: {sorted(per_layer)}")
-        total = sum(p.numel() for p in held.values())
+        total = sum(p.numel() for p in self.model.parameters())
         return ParameterCount(total - local_expert_numel, per_layer.pop(), len(self._blocks) * self.num_experts)

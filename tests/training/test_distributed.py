@@ -59,6 +59,17 @@ def test_zero3_on_two_ranks_exports_the_model_it_trained(data_cache, tmp_path):
     )
     assert recomputed == pytest.approx(measured, rel=1e-5)
 
+    # The expert view refuses ZeRO-3's partitioned parameters with the fix, and reads them once gathered.
+    from connito.experts import ExpertView
+
+    refusal = json.loads((tmp_path / "run" / "params_rank0.json").read_text())["zero3_refusal"]
+    assert refusal is not None and "partitioned by ZeRO-3 (engine.zero_stage=3)" in refusal
+    assert "deepspeed.zero.GatheredParameters" in refusal
+    gathered = torch.load(tmp_path / "run" / "zero3_expert.pt")
+    view = ExpertView(reloaded)
+    exported = view.read_expert((view.moe_layers[0], 0))
+    assert all(torch.equal(gathered[name], exported[name]) for name in exported)
+
 
 def test_a_callback_hooks_the_expert_parallel_model_once_the_engine_is_built(data_cache, tmp_path):
     """Under parallel.ep_size=2 the engine-built event sees AutoEP's swapped layers: the test callback's gradient
