@@ -1,5 +1,6 @@
-"""Read-only analysis of what experts do (layer 5): streaming routing statistics and what they imply."""
+"""Read-only analysis of what experts do (layer 5): streaming routing statistics and what they imply, driver
+experts by causal scan, reweighting, and the ``connito analyze`` report.
 
-from connito.analysis.statistics import COUNTS, SIGMOID_SCORED, RoutingStatistics, router_scores
-
-__all__ = ["COUNTS", "SIGMOID_SCORED", "RoutingStatistics", "router_scores"]
+Import from the modules (``connito.analysis.statistics``, ``.summaries``, ``.drivers``, ``.reweighting``,
+``.run``); this package file stays light so reading the command's config does not load torch.
+"""

@@ -40,10 +40,8 @@ import torch
 import torch.distributed as dist
 
 from connito.experts import ExpertView
+from connito.models.families import get_family
 from connito.routing import RouterObserver, RoutingRecord, Subscription
-
-SIGMOID_SCORED = frozenset({"deepseek_v3"})
-"""Families whose routers score experts with a sigmoid (every other known family uses a softmax)."""
 
 _INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 COUNTS = ("tokens_D", "gate_sum_DLE", "selected_DLE", "weight_sum_DLE", "top1_DLE", "coactivation_LEE")
@@ -53,12 +51,13 @@ def router_scores(family_name: str, logits_TE: torch.Tensor) -> torch.Tensor:
     """The router's score distribution over experts per token, ``probs_TE`` in float64 (each row sums to 1).
 
     Softmax families: ``softmax(logits)``, the probabilities the router draws its top-k from. Sigmoid-scored
-    families (DeepSeek-V3, :data:`SIGMOID_SCORED`): ``sigmoid(logits)`` divided by its sum over experts per token,
-    so that ESFT's average gate score is a share of the layer's gate mass for these families too. The choice bias
-    (DeepSeek-V3's ``e_score_correction_bias``) only picks experts, it is no part of the score.
+    families (``Family.router_scoring == "sigmoid"``: DeepSeek-V3): ``sigmoid(logits)`` divided by its sum over
+    experts per token, so that ESFT's average gate score is a share of the layer's gate mass for these families
+    too. The choice bias (DeepSeek-V3's ``e_score_correction_bias``) only picks experts, it is no part of the
+    score.
     """
     logits_TE = logits_TE.detach().to("cpu", torch.float64)
-    if family_name in SIGMOID_SCORED:
+    if get_family(family_name).router_scoring == "sigmoid":
         scores_TE = logits_TE.sigmoid()
         return scores_TE / scores_TE.sum(dim=-1, keepdim=True)
     return logits_TE.softmax(dim=-1)

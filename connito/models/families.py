@@ -1,7 +1,7 @@
 """The model families Connito knows: one table, one row per transformers ``model_type``.
 
 Everything Connito needs to know about a family lives in its :class:`Family` row: where its blocks keep routers,
-experts and shared experts (:class:`MoELayout`), whether transformers computes its
+experts and shared experts (:class:`MoELayout`), how its router scores experts, whether transformers computes its
 load-balancing loss, and how DeepSpeed AutoEP serves it under expert parallelism. The expert view
 (:mod:`connito.experts`), router observation (:mod:`connito.routing`), expert parallelism
 (:mod:`connito.parallel`) and the trainer read these rows and nothing else. A user family plugs in with
@@ -77,6 +77,8 @@ class Family:
     """transformers ``config.model_type``."""
     layout: MoELayout | None = None
     """Where the MoE block keeps its parts; None for a dense family."""
+    router_scoring: str = "softmax"
+    """How the router turns logits into expert scores: ``softmax`` or ``sigmoid`` (DeepSeek-V3)."""
     load_balancing_loss: str | None = None
     """``module:function`` of transformers' own load-balancing loss for this family (the Switch-style loss its
     ``ForCausalLM.forward`` returns as ``outputs.aux_loss`` when ``output_router_logits=True``); None when
@@ -182,6 +184,7 @@ for _family in (
             shared_experts_attr="shared_experts",
             router_bias_attr="e_score_correction_bias",
         ),
+        router_scoring="sigmoid",
         autoep=AutoEPSupport("deepseek_v3"),
         notes="balances with a routing bias (aux-loss-free); transformers computes no load-balancing loss",
     ),

@@ -14,7 +14,9 @@ tokens (``B x S`` flattened row-major, as every MoE block sees them) are cut int
 block g gets ``values[g]``: replicate a batch G times along the batch dimension and copy g carries edit g, so one
 forward measures G edits (the causal scan of :mod:`connito.analysis.drivers` does this). Tokens none of whose
 values differ from the neutral one keep the router's own output bit for bit, so a zero edit (factor 1, bias 0) is
-the identity and so is every neutral row block. Edit hooks run before any other forward hook on the router
+the identity (logits bit-identical) and a neutral row block routes as unedited. (Its logits can still move by fp
+rounding, ~1e-6, when another block's logit bias changes choices: the experts' grouped matmuls change size.)
+Edit hooks run before any other forward hook on the router
 (``prepend``), so a :class:`~connito.routing.RouterObserver` records the routing the block actually used.
 
 **ExpertWeightScale** (factors f >= 0). It changes weights, never the choice: a token's chosen experts stay chosen

@@ -25,7 +25,7 @@ MICRO_BATCH = 2
 def main() -> None:
     import torch.distributed as dist
 
-    from connito.analysis import RoutingStatistics
+    from connito.analysis.statistics import RoutingStatistics
     from connito.experts import ExpertView
     from connito.routing import RouterObserver
     from connito.training.trainer import run_training

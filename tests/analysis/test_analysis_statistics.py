@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from connito.analysis import COUNTS, RoutingStatistics, router_scores
+from connito.analysis.statistics import COUNTS, RoutingStatistics, router_scores
 from connito.analysis.summaries import (
     coactivation_conditional,
     domain_specialisation,

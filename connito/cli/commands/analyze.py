@@ -1,0 +1,22 @@
+"""``connito analyze``: routing statistics, domain and driver experts of a model, with a report."""
+
+from pathlib import Path
+
+from connito.analysis.config import AnalyzeConfig
+from connito.cli.command import Command
+
+
+def run(cfg: AnalyzeConfig, run_dir: Path) -> None:
+    from connito.analysis.run import run_analysis  # here, not at the top: `connito --help` stays fast
+
+    result = run_analysis(cfg)
+    print(f"analysis:   {result.out_dir / 'analysis.json'}", f"report:     {result.out_dir / 'report.md'}", sep="\n")
+
+
+COMMAND = Command(
+    name="analyze",
+    summary="routing statistics, domain and driver experts of a model; writes analysis.json, report.md, pictures",
+    config_name="analyze",
+    schema=AnalyzeConfig,
+    run=run,
+)
