@@ -15,9 +15,9 @@ block g gets ``values[g]``: replicate a batch G times along the batch dimension 
 forward measures G edits (the causal scan of :mod:`connito.analysis.drivers` does this). Tokens none of whose
 values differ from the neutral one keep the router's own output bit for bit, so a zero edit (factor 1, bias 0) is
 the identity (logits bit-identical) and a neutral row block routes as unedited. (Its logits can still move by fp
-rounding, ~1e-6, when another block's logit bias changes choices: the experts' grouped matmuls change size.)
-Edit hooks run before any other forward hook on the router
-(``prepend``), so a :class:`~connito.routing.RouterObserver` records the routing the block actually used.
+rounding, ~1e-6, when another block's logit bias changes choices: the experts' grouped matmuls change size.) Edit
+hooks run before any other forward hook on the router (``prepend``), so a :class:`~connito.routing.RouterObserver`
+records the routing the block actually used.
 
 **ExpertWeightScale** (factors f >= 0). It changes weights, never the choice: a token's chosen experts stay chosen
 and an unchosen expert stays unchosen whatever its factor, so its effect is measured where the router already uses
@@ -75,7 +75,7 @@ SCORING: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 """How a router turns logits into expert scores (fp32), by scoring type."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class RoutingRule:
     """How one router turns logits [T, E] into top-k ids and weights, as its family does.
 
@@ -161,7 +161,8 @@ register_routing_rule("deepseek_v3", _deepseek_v3_rule)
 
 def routing_rule(view: ExpertView, layer: int) -> RoutingRule:
     """The routing rule of MoE layer ``layer`` as it runs now: a transformers router by its family's registered
-    rule, an AutoEP router from its own settings (``score_func``, ``route_norm``, ``route_scale``, groups)."""
+    rule, an AutoEP router from its own settings (``score_func``, ``route_norm``, ``route_scale``, groups, choice
+    bias; not the load-balancing ``expert_bias`` AutoEP passes to its forward)."""
     block = view.block(layer)
     router = block.router_module
     if isinstance(block, HFMoEBlock):
@@ -228,6 +229,7 @@ class RouterEdit:
         self._check(self.values_GME)
         self._handles = []
         for index, (layer, block) in enumerate(self.view.blocks()):
+            routing_rule(self.view, layer)  # refuse a family without a rule now, not in the middle of a forward
             self._handles.extend(self._hook(layer, block, self.values_GME[:, index]))
 
     @property

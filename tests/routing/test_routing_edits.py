@@ -215,9 +215,9 @@ def test_weight_scale_changes_only_tokens_routed_to_the_expert_and_follows_the_r
         hook = block.register_forward_hook(lambda m, args, out: seen.update(x=args[0].detach(), y=out.detach()))
         observer = RouterObserver(model, view)
         observer.subscribe(
-            lambda r: seen.update(logits=r.logits_TE, ids=r.topk_ids_TK, w=r.topk_weights_TK)
-            if r.layer == layer
-            else None
+            lambda r: (
+                seen.update(logits=r.logits_TE, ids=r.topk_ids_TK, w=r.topk_weights_TK) if r.layer == layer else None
+            )
         )
         with torch.no_grad():
             model(ids)
