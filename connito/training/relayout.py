@@ -21,10 +21,10 @@ What Connito adds on top of DeepSpeed's converter:
   optimizer states follow the same concatenation), whichever side wrote it.
 * **Optimizer groups.** DeepSpeed restores group by group, zipping the current groups with the checkpoint's and
   copying the checkpoint's group settings by position, and expert groups differ across layouts
-  (``name: ep_size_N``, none at ep 1). :func:`pad_param_groups` gives the checkpoint enough groups (else ep 1 ->
-  ep 2 would skip the expert group), and :func:`restore_groups` puts the current run's group settings back after
-  the load and recomputes each group's learning rate from the restored scheduler (what a same-layout resume would
-  have read from the checkpoint).
+  (``name: ep_size_N``, none at ep 1). ``pad_param_groups`` (:mod:`connito.training.optimizer_groups`) gives
+  the checkpoint enough groups (else ep 1 -> ep 2 would skip the expert group), and ``restore_groups`` puts the
+  current run's group settings back after the load and recomputes each group's learning rate from the restored
+  scheduler (what a same-layout resume would have read from the checkpoint).
 
 ZeRO stage 0 on both sides (another ``ep_size``) is re-laid by Connito itself, not by DeepSpeed:
 DeepSpeed's universal path needs ZeRO 1/2 (or 3) shards (``ds_to_universal`` reads ``zero_pp_rank_*`` optimizer

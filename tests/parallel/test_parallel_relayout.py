@@ -13,7 +13,8 @@ import shutil
 import pytest
 import torch
 
-from connito.training.relayout import CheckpointLayoutError, Layout, plan_resume
+from connito.training.relayout import CheckpointLayoutError, plan_resume
+from connito.training.run_state import Layout
 from tests.helpers import REPO, compose_train, small_overrides, torchrun
 
 pytestmark = pytest.mark.distributed
