@@ -56,6 +56,7 @@ Shape legend: T tokens of the forward (B x S), E routed experts, K experts per t
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -215,7 +216,7 @@ def edit_values(view: ExpertView, values: EditValues, neutral: float) -> torch.T
     return values_GME
 
 
-class RouterEdit:
+class RouterEdit(ABC):
     """Forward hooks on every MoE router of ``model`` that replace its routing; a context manager.
 
     Subclasses set ``neutral`` (the value that changes nothing) and hook one block in :meth:`_hook`.
@@ -247,11 +248,12 @@ class RouterEdit:
     def __exit__(self, *exc) -> None:
         self.remove()
 
-    def _check(self, values_GME: torch.Tensor) -> None:
-        pass
+    def _check(self, values_GME: torch.Tensor) -> None:  # noqa: B027 - optional for subclasses
+        """Refuse values this edit cannot apply (subclasses override; the default accepts any)."""
 
+    @abstractmethod
     def _hook(self, layer: int, block: MoEBlock, values_GE: torch.Tensor) -> list:
-        raise NotImplementedError
+        """Register this edit's hooks on ``block`` and return their handles."""
 
     def _per_token(self, values_GE: torch.Tensor, num_tokens: int, like: torch.Tensor) -> torch.Tensor:
         """[T, E] (or [1, E] with one block): row block g's values for each of its T / G tokens."""
