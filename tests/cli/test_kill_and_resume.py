@@ -29,20 +29,21 @@ def test_sigkill_then_rerun_reproduces_the_uninterrupted_loss_curve(data_cache, 
         *small_overrides(data_cache),
     ]
     command = [sys.executable, "-m", "connito", *args]
-    straight = subprocess.run(
-        command + ["run.name=straight"],
-        cwd=tmp_path,
-        env=clean_env(PYTHONPATH=str(REPO)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    env = clean_env(PYTHONPATH=str(REPO))  # the test callback's module is importable from the repository
+
+    def run(name: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            command + [f"run.name={name}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    run("straight")
 
     victim = subprocess.Popen(
         command + ["run.name=killed"],
         cwd=tmp_path,
-        env=clean_env(PYTHONPATH=str(REPO)),
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -58,15 +59,7 @@ def test_sigkill_then_rerun_reproduces_the_uninterrupted_loss_curve(data_cache, 
     latest = (tmp_path / "runs" / "killed" / "checkpoints" / "latest").read_text()
     assert latest in {"step_000003", "step_000006"}
 
-    resumed = subprocess.run(
-        command + ["run.name=killed"],
-        cwd=tmp_path,
-        env=clean_env(PYTHONPATH=str(REPO)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = run("killed")
     assert "resumed from" in resumed.stdout + resumed.stderr
     resumed_curve, straight_curve = curve(tmp_path / "runs" / "killed"), curve(tmp_path / "runs" / "straight")
     assert resumed_curve == straight_curve
