@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from connito.analysis.token_loss import DomainSum, check_batches, forward_logits, next_token_logp, nll
 from connito.experts import ExpertId, ExpertView
 from connito.routing.edits import ExpertWeightScale
 
@@ -126,7 +127,7 @@ def driver_scan(
         raise ValueError(f"experts_per_forward must be an integer >= 1, got {experts_per_forward!r}")
     view = view or ExpertView(model)
     batches, domain_ids = list(batches), list(domain_ids)
-    _check_batches(batches, domain_ids)
+    check_batches(batches, domain_ids, "driver_scan")
     if num_domains is None:
         num_domains = max(int(d.max()) for d in domain_ids) + 1
     if num_domains < 1:
@@ -148,10 +149,10 @@ def driver_scan(
             for input_BS, domain_BS in zip(batches, domain_ids):
                 input_BS = input_BS.to(device)
                 targets_P = input_BS[:, 1:].reshape(-1)
-                per_domain = _DomainSum(domain_BS[:, 1:].reshape(-1).to(device), num_domains)
-                ref_logp_PV = _next_token_logp(_logits(model, input_BS))
+                per_domain = DomainSum(domain_BS[:, 1:].reshape(-1).to(device), num_domains)
+                ref_logp_PV = next_token_logp(forward_logits(model, input_BS))
                 ref_p_PV = ref_logp_PV.exp()
-                ref_loss_D += per_domain(_nll(ref_logp_PV, targets_P))
+                ref_loss_D += per_domain(nll(ref_logp_PV, targets_P))
                 tokens_D += per_domain(torch.ones_like(targets_P, dtype=torch.float64))
                 for chunk in chunks:
                     factors_GME = torch.ones(2 * len(chunk), len(view.moe_layers), view.num_experts)
@@ -159,13 +160,13 @@ def driver_scan(
                         factors_GME[2 * i, moe_index[layer], expert] = factor_up
                         factors_GME[2 * i + 1, moe_index[layer], expert] = factor_down
                     with ExpertWeightScale(model, factors_GME, view=view):
-                        logits_CBSV = _logits(model, input_BS.repeat(2 * len(chunk), 1))
+                        logits_CBSV = forward_logits(model, input_BS.repeat(2 * len(chunk), 1))
                     logits_CBSV = logits_CBSV.view(2 * len(chunk), *input_BS.shape, -1)
                     for i, (layer, expert) in enumerate(chunk):
                         for direction, copy in (("up", 2 * i), ("down", 2 * i + 1)):
-                            logp_PV = _next_token_logp(logits_CBSV[copy])
+                            logp_PV = next_token_logp(logits_CBSV[copy])
                             kl_P = (ref_p_PV * (ref_logp_PV - logp_PV)).sum(dim=-1)
-                            sums[f"loss_{direction}"][:, layer, expert] += per_domain(_nll(logp_PV, targets_P))
+                            sums[f"loss_{direction}"][:, layer, expert] += per_domain(nll(logp_PV, targets_P))
                             sums[f"kl_{direction}"][:, layer, expert] += per_domain(kl_P)
                     bar.update(1)
     finally:
@@ -192,51 +193,6 @@ def driver_scan(
         kl_up_DLE=mean(sums["kl_up"]),
         kl_down_DLE=mean(sums["kl_down"]),
     )
-
-
-class _DomainSum:
-    """Sum per-position values [P] into [D] (fp64, on the CPU) by the positions' target domains; negative domains
-    count for none."""
-
-    def __init__(self, domains_P: torch.Tensor, num_domains: int):
-        self.counted_P = domains_P >= 0
-        self.domains_P = domains_P.clamp_min(0)
-        self.num_domains = num_domains
-
-    def __call__(self, values_P: torch.Tensor) -> torch.Tensor:
-        summed_D = torch.zeros(self.num_domains, dtype=torch.float64, device=values_P.device)
-        counted_P = torch.where(self.counted_P, values_P.double(), 0.0)
-        return summed_D.index_add_(0, self.domains_P, counted_P).cpu()
-
-
-def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=input_ids, use_cache=False).logits
-
-
-def _next_token_logp(logits_BSV: torch.Tensor) -> torch.Tensor:
-    """log p of the next token [P, V] (fp32), from the logits of every position but the last."""
-    return torch.log_softmax(logits_BSV[:, :-1].float(), dim=-1).reshape(-1, logits_BSV.shape[-1])
-
-
-def _nll(logp_PV: torch.Tensor, targets_P: torch.Tensor) -> torch.Tensor:
-    return -logp_PV.gather(1, targets_P.unsqueeze(1)).squeeze(1)
-
-
-def _check_batches(batches: list[torch.Tensor], domain_ids: list[torch.Tensor]) -> None:
-    if not batches:
-        raise ValueError("driver_scan needs at least one batch")
-    if len(batches) != len(domain_ids):
-        raise ValueError(f"{len(batches)} batches but {len(domain_ids)} domain id tensors: give one per batch")
-    for index, (input_BS, domain_BS) in enumerate(zip(batches, domain_ids)):
-        if input_BS.dim() != 2 or input_BS.shape[1] < 2:
-            raise ValueError(f"batch {index}: input_ids must be [B, S] with S >= 2, got {tuple(input_BS.shape)}")
-        if tuple(domain_BS.shape) != tuple(input_BS.shape):
-            raise ValueError(
-                f"batch {index}: domain ids have shape {tuple(domain_BS.shape)}, the input ids "
-                f"{tuple(input_BS.shape)}: give one domain id per token"
-            )
-        if input_BS.is_floating_point() or domain_BS.is_floating_point():
-            raise ValueError(f"batch {index}: input ids and domain ids must be integer tensors")
 
 
 def _expert_list(view: ExpertView, experts: Iterable[Sequence[int]] | None) -> list[ExpertId]:

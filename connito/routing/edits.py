@@ -7,6 +7,8 @@ modified and the edit comes off with ``remove()`` or at the end of a ``with`` bl
         logits = model(input_ids).logits
     with RouterLogitBias(model, {(2, 5): 1.5}):         # +1.5 on its router logit, before the top-k choice
         logits = model(input_ids).logits
+    with KeepTopExperts(model, keep=1):                 # every token keeps only its highest-weighted expert
+        logits = model(input_ids).logits
 
 Values are a dict ``{(layer, expert): value}`` (global numbering; missing experts get the neutral value), a tensor
 [M, E] (rows in ``view.moe_layers`` order), or a tensor [G, M, E]: *row blocks*. With G blocks the forward's T
@@ -338,6 +340,53 @@ class RouterLogitBias(RouterEdit):
             return _keep_unedited(edited_T, output + bias_TE.to(output.dtype), output)
 
         return [block.router_module.gate.register_forward_hook(gate_hook, prepend=True)]
+
+
+class KeepTopExperts(RouterEdit):
+    """Every token keeps only its ``keep`` highest-weighted chosen experts (``keep=1``: single-expert routing, as in
+    the single-expert-sufficiency test of Yuan et al. 2025); the others get weight 0.
+
+    The kept experts are weighted as the family would weight a top-``keep`` choice: renormalising families
+    (Mixtral; Qwen/OLMoE/FlexOlmo/DeepSeek-V3 with ``norm_topk_prob=True``) renormalise the kept scores to sum 1
+    and re-apply the routed scaling factor (with ``keep=1`` the one expert gets weight ``s``); the others keep
+    the weights the router gave (``s * p``). The choice itself never changes: "highest-weighted" ranks the chosen
+    experts by routing weight (DeepSeek-V3's choice bias, which orders the choice but not the weights, does not
+    enter). A dropped expert still runs in the grouped matmul with weight 0, so its contribution is exactly 0.
+    ``keep >= top_k`` is the identity (bit for bit).
+    """
+
+    def __init__(self, model: nn.Module, keep: int = 1, *, view: ExpertView | None = None):
+        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+            raise ValueError(f"KeepTopExperts keeps at least one expert per token; got keep={keep!r}")
+        self.keep = keep
+        super().__init__(model, {}, view=view)
+
+    def _hook(self, layer: int, block: MoEBlock, values_GE: torch.Tensor) -> list:
+        def keep_top(weights_TK: torch.Tensor) -> torch.Tensor:
+            if self.keep >= weights_TK.shape[-1]:
+                return weights_TK
+            kept_TK = torch.zeros_like(weights_TK, dtype=torch.bool)
+            kept_TK.scatter_(1, weights_TK.topk(self.keep, dim=-1).indices, True)
+            new_TK = torch.where(kept_TK, weights_TK.float(), 0.0)
+            rule = routing_rule(self.view, layer)
+            if rule.renormalize:
+                total_T1 = new_TK.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+                new_TK = new_TK / total_T1 * rule.scale
+            return new_TK.to(weights_TK.dtype)
+
+        if isinstance(block, HFMoEBlock):
+
+            def hf_hook(module, args, output):
+                logits_TE, weights_TK, ids_TK = output
+                return logits_TE, keep_top(weights_TK), ids_TK
+
+            return [block.router_module.register_forward_hook(hf_hook, prepend=True)]
+
+        def autoep_hook(module, args, output):
+            weights_TK, ids_TK, *rest = output
+            return (keep_top(weights_TK), ids_TK, *rest)
+
+        return [block.router_module.register_forward_hook(autoep_hook, prepend=True)]
 
 
 def log_factor(factor: float) -> float:
