@@ -81,30 +81,39 @@ def fold_into_weights(model: nn.Module, reweighting: Reweighting) -> nn.Module:
     and return it; refuses with :class:`ValueError` naming the family and the reason where no weight edit is exact
     (see the module docstring). Nothing is changed when it refuses."""
     view = ExpertView(model)
-    family = view.family.model_type
+    reason = fold_refusal(view, reweighting)
+    if reason is not None:
+        raise ValueError(reason)
     boosted = {view.check_id(k): f for k, f in reweighting.boost.items() if f != 1}
-    for layer, _ in boosted:
-        if not isinstance(view.block(layer), HFMoEBlock):
-            raise ValueError(
-                f"fold_into_weights: layer {layer} is a DeepSpeed AutoEP layer; fold on the exported transformers "
-                "model (parallel.ep_size=1)"
-            )
-    if reweighting.mode == "logit_bias":
-        raise ValueError(_logit_bias_refusal(family))
-    for layer in sorted({layer for layer, _ in boosted}):
-        rule = routing_rule(view, layer)
-        if rule.renormalize:
-            raise ValueError(
-                f"fold_into_weights: {family} renormalises its top-k routing weights ({_renorm_reason(family)}), so "
-                "scaling one expert's weight by f gives each token f*w_e / (f*w_e + its other chosen weights) and "
-                "shrinks those others by the same token-dependent amount; no change of expert weights reproduces "
-                "it. Keep the reweighting as a hook (`with reweighting.apply(model): ...`)."
-            )
     for expert_id, factor in sorted(boosted.items()):
         tensors = view.read_expert(expert_id)
         tensors["down_proj"] = tensors["down_proj"] * factor
         view.write_expert(expert_id, tensors)
     return model
+
+
+def fold_refusal(view: ExpertView, reweighting: Reweighting) -> str | None:
+    """Why :func:`fold_into_weights` would refuse ``reweighting`` on the model ``view`` sees, or None where the
+    fold is exact. Changes nothing."""
+    family = view.family.model_type
+    boosted = {view.check_id(k): f for k, f in reweighting.boost.items() if f != 1}
+    for layer, _ in boosted:
+        if not isinstance(view.block(layer), HFMoEBlock):
+            return (
+                f"fold_into_weights: layer {layer} is a DeepSpeed AutoEP layer; fold on the exported transformers "
+                "model (parallel.ep_size=1)"
+            )
+    if reweighting.mode == "logit_bias" and boosted:
+        return _logit_bias_refusal(family)
+    for layer in sorted({layer for layer, _ in boosted}):
+        if routing_rule(view, layer).renormalize:
+            return (
+                f"fold_into_weights: {family} renormalises its top-k routing weights ({_renorm_reason(family)}), so "
+                "scaling one expert's weight by f gives each token f*w_e / (f*w_e + its other chosen weights) and "
+                "shrinks those others by the same token-dependent amount; no change of expert weights reproduces "
+                "it. Keep the reweighting as a hook (`with reweighting.apply(model): ...`)."
+            )
+    return None
 
 
 def _renorm_reason(family: str) -> str:

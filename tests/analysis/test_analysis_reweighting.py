@@ -132,3 +132,51 @@ def test_bad_reweightings_are_refused():
         Reweighting(BOOST, mode="scale")
     with pytest.raises(ValueError, match=r"boost factor of expert \(1, 3\) must be finite and > 0, got 0.0"):
         Reweighting({(1, 3): 0.0})
+
+
+def test_reweighting_effect_measures_each_boost_on_every_domain():
+    from connito.analysis.reweighting_effect import reweighting_effect
+
+    model = build_tiny("qwen3_moe")
+    gen = torch.Generator().manual_seed(2)
+    inputs = [torch.randint(3, 128, (2, 16), generator=gen) for _ in range(2)]
+    domains = [torch.randint(0, 2, (2, 16), generator=gen) for _ in range(2)]
+    boost = Reweighting({(1, 3): 3.0, (2, 0): 2.0})
+    effect = reweighting_effect(model, inputs, domains, [boost, Reweighting({(1, 3): 1.0})], progress=False)
+    assert torch.equal(effect.loss_RD[1], effect.loss_D)  # factor 1: the routed loss, bit for bit
+    with torch.no_grad(), boost.apply(model):
+        by_hand = [torch.nn.functional.cross_entropy(model(ids).logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(),
+                                                     reduction="none") for ids in inputs]  # fmt: skip
+    targets = torch.cat([d[:, 1:].flatten() for d in domains])
+    losses = torch.cat(by_hand).double()
+    expected = torch.stack([losses[targets == d].mean() for d in range(2)])
+    torch.testing.assert_close(effect.loss_RD[0], expected, rtol=1e-6, atol=1e-6)
+    assert (effect.change_RD[0].abs() > 1e-4).all()
+
+
+def test_export_reweighted_writes_a_plain_checkpoint_with_the_boosted_logits(tmp_path):
+    from connito.analysis.reweighting_effect import export_reweighted
+
+    model = build_tiny("qwen3_moe", norm_topk_prob=False)
+    model.save_pretrained(tmp_path / "base")
+    (tmp_path / "base" / "tokenizer.json").write_text("{}")
+    boost = Reweighting({(1, 3): 3.0, (2, 0): 2.0})
+    before = state(model)
+    out = export_reweighted(model, tmp_path / "base", boost, tmp_path / "reweighted-code")
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())  # model untouched
+    assert (out / "tokenizer.json").is_file() and not (tmp_path / ".reweighted-code.tmp").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(logits(loaded), logits(model, boost), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_refusal_says_why_without_changing_anything():
+    from connito.analysis.reweighting import fold_refusal
+    from connito.experts import ExpertView
+
+    model = build_tiny("qwen3_moe", norm_topk_prob=True)
+    view = ExpertView(model)
+    assert "renormalises its top-k routing weights" in fold_refusal(view, Reweighting({(1, 3): 2.0}))
+    assert fold_refusal(view, Reweighting({(1, 3): 1.0})) is None
+    plain = ExpertView(build_tiny("qwen3_moe", norm_topk_prob=False))
+    assert fold_refusal(plain, Reweighting({(1, 3): 2.0})) is None
+    assert "logit bias does not fold" in fold_refusal(plain, Reweighting({(1, 3): 2.0}, mode="logit_bias"))
