@@ -17,7 +17,8 @@ LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_AD
 
 
 def small_overrides(cache_dir: Path) -> list[str]:
-    """A run that takes seconds: small data, vocab 512, rows of 64 tokens, no wandb, no progress bar."""
+    """A run that takes seconds: small data, vocab 512, rows of 64 tokens, no wandb, no progress bar, no analysis
+    report after training."""
     return [
         f"data.cache_dir={cache_dir}",
         "data.max_chars_per_domain=120000",
@@ -28,6 +29,7 @@ def small_overrides(cache_dir: Path) -> list[str]:
         "train.eval_batches=2",
         "logging.wandb=false",
         "logging.progress=false",
+        "analysis=none",
     ]
 
 

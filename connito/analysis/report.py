@@ -18,6 +18,10 @@ layer ``moe_layers[i]``; dense layers have no entry); experts are in the checkpo
     drivers           null, or factor_up, factor_down, tokens {domain: predicted tokens}, loss {domain: nats},
                       score / importance {domain: [layer][expert]} (score = (loss_down - loss_up) / 2 nats,
                       importance = mean KL of the two perturbations)
+    sufficiency       null, or tokens {domain}, loss_full / loss_top1 {domain: nats}, agreement {domain: share of
+                      predicted positions whose argmax token is the same with top-1 routing}
+    reweighting       null, or factor, mode, targets, boosted {domain: [[layer, expert], ...]}, loss {domain: nats
+                      as routed}, loss_under {boosted domain: {measured domain: nats}}, exports {domain: path}
 """
 
 from __future__ import annotations
@@ -92,6 +96,30 @@ def analysis_record(result: AnalysisResult, view, cfg) -> dict:
             "loss": {d: _floats(drivers.loss_D[i]) for i, d in enumerate(domains)},
             "score": per_domain(drivers.score_DLE[:, moe]),
             "importance": per_domain(drivers.importance_DLE[:, moe]),
+        }
+    sufficiency = result.sufficiency
+    record["sufficiency"] = None
+    if sufficiency is not None:
+        record["sufficiency"] = {
+            "tokens": {d: int(sufficiency.tokens_D[i]) for i, d in enumerate(domains)},
+            "loss_full": {d: _floats(sufficiency.loss_full_D[i]) for i, d in enumerate(domains)},
+            "loss_top1": {d: _floats(sufficiency.loss_top1_D[i]) for i, d in enumerate(domains)},
+            "agreement": {d: _floats(sufficiency.agreement_D[i]) for i, d in enumerate(domains)},
+        }
+    effect = result.reweighting
+    record["reweighting"] = None
+    if effect is not None:
+        rw = cfg.reweighting
+        record["reweighting"] = {
+            "factor": rw.factor,
+            "mode": rw.mode,
+            "targets": list(rw.targets),
+            "boosted": {d: [list(k) for k in sorted(effect.reweightings[i].boost)] for i, d in enumerate(domains)},
+            "loss": {d: _floats(effect.loss_D[i]) for i, d in enumerate(domains)},
+            "loss_under": {
+                d: {m: _floats(effect.loss_RD[i, j]) for j, m in enumerate(domains)} for i, d in enumerate(domains)
+            },
+            "exports": {d: str(path) for d, path in result.exports.items()},
         }
     return record
 
@@ -252,7 +280,69 @@ def report_markdown(record: dict, pictures: dict[str, str]) -> str:
             cells = ", ".join(f"({moe[i // score.shape[1]]}, {i % score.shape[1]}: {flat[i]:+.4f})" for i in top)
             lines.append(f"| {d} | {drivers['loss'][d]} | {cells} |")
         lines += ["", f"![drivers]({pictures['drivers']})", ""]
+    if record["sufficiency"] is not None:
+        lines += _sufficiency_section(record)
+    if record["reweighting"] is not None:
+        lines += _reweighting_section(record)
     return "\n".join(lines)
+
+
+def _sufficiency_section(record: dict) -> list[str]:
+    suff, domains = record["sufficiency"], record["data"]["domains"]
+    lines = [
+        "## Single-expert sufficiency",
+        "",
+        f"Every token keeps only its top-1 expert (of top-{record['model']['top_k']}), weighted as the family would "
+        "weight a top-1 choice; agreement is the share of predicted positions whose most likely next token stays "
+        "the same.",
+        "",
+        "| domain | tokens | loss, all chosen experts | loss, top-1 only | increase | argmax agreement |",
+        "|---|---|---|---|---|---|",
+    ]
+    for d in domains:
+        full, top1, agree = suff["loss_full"][d], suff["loss_top1"][d], suff["agreement"][d]
+        if full is None:
+            lines.append(f"| {d} | 0 | - | - | - | - |")
+            continue
+        lines.append(f"| {d} | {suff['tokens'][d]:,} | {full:.4f} | {top1:.4f} | {top1 - full:+.4f} | {agree:.3f} |")
+    known = {d: suff["agreement"][d] for d in domains if suff["agreement"][d] is not None}
+    if known:
+        low, high = min(known, key=known.get), max(known, key=known.get)
+        lines += [
+            "",
+            f"Top-1 routing keeps the prediction of {known[high]:.1%} of {high}'s tokens and {known[low]:.1%} of "
+            f"{low}'s: {low} depends most on its tokens' second and later experts.",
+        ]
+    return lines + [""]
+
+
+def _reweighting_section(record: dict) -> list[str]:
+    rw, domains = record["reweighting"], record["data"]["domains"]
+    lines = [
+        "## Reweighting",
+        "",
+        f"Each domain's boost ({rw['mode']}, factor {rw['factor']}) raises its {' and '.join(rw['targets'])}; the "
+        "loss change is measured on the boosted domain and on the others (nats per token; negative = better).",
+        "",
+        "| boosted domain | experts boosted | its loss as routed | with the boost | change | mean change, other "
+        "domains |",
+        "|---|---|---|---|---|---|",
+    ]
+    for d in domains:
+        boosted, base = rw["boosted"][d], rw["loss"][d]
+        under = rw["loss_under"][d]
+        if not boosted or base is None:
+            lines.append(f"| {d} | none | {'-' if base is None else f'{base:.4f}'} | - | - | - |")
+            continue
+        others = [under[m] - rw["loss"][m] for m in domains if m != d and under[m] is not None]
+        other = f"{sum(others) / len(others):+.4f}" if others else "-"
+        listed = ", ".join(f"({layer}, {expert})" for layer, expert in boosted)
+        lines.append(f"| {d} | {listed} | {base:.4f} | {under[d]:.4f} | {under[d] - base:+.4f} | {other} |")
+    if rw["exports"]:
+        lines += ["", "Folded exports (plain transformers checkpoints): " + ", ".join(
+            f"{d}: `{path}`" for d, path in rw["exports"].items()
+        )]  # fmt: skip
+    return lines + [""]
 
 
 def _concentration_sentence(record: dict) -> str:

@@ -9,18 +9,30 @@ come from a few documents).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from connito.analysis.config import AnalyzeConfig
+from connito.analysis.config import AnalysisOptions, AnalyzeConfig
 from connito.analysis.drivers import DriverScores, check_factors, driver_scan
 from connito.analysis.report import write_outputs
+from connito.analysis.reweighting import MODES, Reweighting, fold_refusal
+from connito.analysis.reweighting_effect import (
+    TARGETS,
+    ReweightingEffect,
+    boost_targets,
+    export_reweighted,
+    reweighting_effect,
+)
 from connito.analysis.statistics import RoutingStatistics
+from connito.analysis.sufficiency import Sufficiency, single_expert_sufficiency
 from connito.analysis.summaries import RoutingSummary, summarise
+from connito.data.config import DataConfig
 from connito.experts import ExpertView
 from connito.models.families import ModelError
 from connito.models.fingerprint import checkpoint_fingerprint
@@ -36,6 +48,10 @@ class AnalysisResult:
     fingerprint: str
     summary: RoutingSummary
     drivers: DriverScores | None
+    sufficiency: Sufficiency | None = None
+    reweighting: ReweightingEffect | None = None
+    exports: dict[str, Path] = field(default_factory=dict)
+    """Folded reweighted checkpoints by domain (``reweighting.export=true``)."""
 
 
 def resolve_model_path(model_path: str) -> Path:
@@ -52,30 +68,73 @@ def resolve_model_path(model_path: str) -> Path:
     return path
 
 
+def default_out_dir(model_path: Path) -> Path:
+    """``<run>/analysis`` for the ``hf/`` export of a ``connito train`` run, else ``<model_path>/analysis``."""
+    if model_path.name == "hf" and (model_path.parent / "metrics.jsonl").is_file():
+        return model_path.parent / "analysis"
+    return model_path / "analysis"
+
+
+def check_options(cfg: AnalysisOptions) -> None:
+    """Refuse options no measurement can use, before anything is loaded."""
+    if cfg.tokens < 1 or cfg.batch_size < 1:
+        raise ValueError(f"tokens={cfg.tokens} and batch_size={cfg.batch_size} must be positive")
+    if cfg.drivers.enabled:
+        check_factors(cfg.drivers.factor_up, cfg.drivers.factor_down)
+        if cfg.drivers.tokens < 1 or cfg.drivers.experts_per_forward < 1:
+            raise ValueError(
+                f"drivers.tokens={cfg.drivers.tokens} and drivers.experts_per_forward="
+                f"{cfg.drivers.experts_per_forward} must be positive"
+            )
+    rw = cfg.reweighting
+    if rw.enabled:
+        if rw.mode not in MODES:
+            raise ValueError(f"reweighting.mode must be one of {', '.join(MODES)}, got '{rw.mode}'")
+        if not (rw.factor > 0 and rw.factor != float("inf")):
+            raise ValueError(f"reweighting.factor must be finite and > 0 (1 changes nothing), got {rw.factor}")
+        if not rw.targets or any(t not in TARGETS for t in rw.targets):
+            raise ValueError(f"reweighting.targets must be a non-empty list of {', '.join(TARGETS)}, got {rw.targets}")
+        if "drivers" in rw.targets and not cfg.drivers.enabled:
+            raise ValueError(
+                "reweighting.targets includes 'drivers' but drivers.enabled=false: turn the scan on, or set "
+                "reweighting.targets=[domain_experts]"
+            )
+        if rw.drivers_per_domain < 1:
+            raise ValueError(f"reweighting.drivers_per_domain must be >= 1, got {rw.drivers_per_domain}")
+
+
 def _rows(split_len: int, seq_len: int, tokens: int) -> list[int]:
     count = min(split_len, max(1, -(-tokens // seq_len)))
     return torch.linspace(0, split_len - 1, count).round().long().unique().tolist()
 
 
-def run_analysis(cfg: AnalyzeConfig) -> AnalysisResult:
+def run_analysis(cfg: AnalyzeConfig, *, use_model_tokenizer: bool = True) -> AnalysisResult:
+    """Analyse ``cfg.model_path`` on ``cfg.data`` and write the outputs (see the module docstring).
+
+    ``use_model_tokenizer``: when ``cfg.data.tokenizer_path`` is empty and the checkpoint ships a tokenizer,
+    prepare the data with it (so the rows are what the model reads); False keeps ``cfg.data`` as given (the report
+    of a training run, whose data config already names the model's tokenizer or the recipe's trained one)."""
     from transformers import AutoModelForCausalLM
 
     from connito.data import prepare_data
     from connito.models.loading import has_tokenizer, validate_checkpoint_dir
     from connito.training.batches import PackedSplit
 
-    if cfg.tokens < 1 or cfg.batch_size < 1:
-        raise ValueError(f"tokens={cfg.tokens} and batch_size={cfg.batch_size} must be positive")
-    if cfg.drivers.enabled:
-        check_factors(cfg.drivers.factor_up, cfg.drivers.factor_down)
+    check_options(cfg)
     model_path = resolve_model_path(cfg.model_path)
     validate_checkpoint_dir(model_path)
-    out_dir = Path(cfg.out_dir).expanduser() if cfg.out_dir else model_path.parent / "analysis"
+    out_dir = Path(cfg.out_dir).expanduser() if cfg.out_dir else default_out_dir(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True, dtype=torch.float32).eval()
     view = ExpertView(model)  # a dense model stops here: it has no experts to analyse
+    if cfg.reweighting.enabled and cfg.reweighting.export:
+        # any boost touching every MoE layer: refused exactly when some domain's boost would be
+        probe = Reweighting({(layer, 0): 2.0 for layer in view.moe_layers}, cfg.reweighting.mode)
+        reason = fold_refusal(view, probe)
+        if reason is not None:
+            raise ValueError(f"reweighting.export=true cannot be written for this model. {reason}")
     fingerprint = checkpoint_fingerprint(model_path)
 
-    if not cfg.data.tokenizer_path and has_tokenizer(model_path):
+    if use_model_tokenizer and not cfg.data.tokenizer_path and has_tokenizer(model_path):
         cfg.data.tokenizer_path = str(model_path)
     prepared = prepare_data(cfg.data, progress=cfg.progress)
     if len(prepared.load_tokenizer()) > model.config.vocab_size:
@@ -99,22 +158,60 @@ def run_analysis(cfg: AnalyzeConfig) -> AnalysisResult:
     observer.close()
     summary = summarise(stats, min_tokens=cfg.min_tokens, specialisation_threshold=cfg.specialisation_threshold)
 
+    scan_rows = _rows(len(split), seq_len, cfg.drivers.tokens)
+    scan_batches = [scan_rows[i : i + cfg.batch_size] for i in range(0, len(scan_rows), cfg.batch_size)]
+    scan_inputs = [split.input_ids_NT[index] for index in scan_batches]
+    scan_domains = [split.domain_ids_NT[index] for index in scan_batches]
+    num_domains = len(prepared.domains)
     drivers = None
     if cfg.drivers.enabled:
-        scan_rows = _rows(len(split), seq_len, cfg.drivers.tokens)
-        scan_batches = [scan_rows[i : i + cfg.batch_size] for i in range(0, len(scan_rows), cfg.batch_size)]
         drivers = driver_scan(
             model,
-            [split.input_ids_NT[index] for index in scan_batches],
-            [split.domain_ids_NT[index] for index in scan_batches],
+            scan_inputs,
+            scan_domains,
             factor_up=cfg.drivers.factor_up,
             factor_down=cfg.drivers.factor_down,
             experts_per_forward=cfg.drivers.experts_per_forward,
             progress=cfg.progress,
-            num_domains=len(prepared.domains),
+            num_domains=num_domains,
             view=view,
         )
-    result = AnalysisResult(out_dir, model_path, fingerprint, summary, drivers)
+    sufficiency = None
+    if cfg.sufficiency.enabled:
+        sufficiency = single_expert_sufficiency(
+            model, scan_inputs, scan_domains, num_domains=num_domains, view=view, progress=cfg.progress
+        )
+    effect, exports = None, {}
+    if cfg.reweighting.enabled:
+        rw = cfg.reweighting
+        reweightings = [
+            Reweighting(
+                {i: rw.factor for i in boost_targets(d, rw.targets, summary, drivers, rw.drivers_per_domain)}
+                if summary.usable_D[d]
+                else {},
+                rw.mode,
+            )
+            for d in range(num_domains)
+        ]
+        effect = reweighting_effect(
+            model, scan_inputs, scan_domains, reweightings, num_domains=num_domains, view=view, progress=cfg.progress
+        )
+        if rw.export:
+            for d, reweighting in enumerate(reweightings):
+                if reweighting.boost:
+                    name = prepared.domains[d]
+                    exports[name] = export_reweighted(model, model_path, reweighting, out_dir / f"reweighted-{name}")
+    result = AnalysisResult(out_dir, model_path, fingerprint, summary, drivers, sufficiency, effect, exports)
     write_outputs(result, stats, view, cfg)
     log.info("analysis written to %s", out_dir)
     return result
+
+
+def analyze_run(options: AnalysisOptions, run_dir: Path, data: DataConfig) -> AnalysisResult:
+    """The report ``connito train analysis=report`` writes after training: ``options`` on the run's ``hf/`` export,
+    the run's own data (its validation split), into ``<run_dir>/analysis``."""
+    fields = {f.name: copy.deepcopy(getattr(options, f.name)) for f in dataclasses.fields(AnalysisOptions)}
+    cfg = AnalyzeConfig(
+        **fields, model_path=str(run_dir / "hf"), data=copy.deepcopy(data), out_dir=str(run_dir / "analysis")
+    )
+    return run_analysis(cfg, use_model_tokenizer=False)

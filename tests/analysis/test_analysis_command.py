@@ -6,12 +6,12 @@ import json
 import pytest
 import torch
 
-from connito.analysis.config import AnalyzeConfig
+from connito.analysis.config import AnalyzeConfig, DriversConfig, ReweightingConfig
 from connito.analysis.run import run_analysis
 from connito.models import ModelError
 from connito.models.fingerprint import checkpoint_fingerprint
 from connito.training.trainer import run_training
-from tests.helpers import compose_train, small_overrides
+from tests.helpers import compose_train, run_cli, small_overrides
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,8 @@ def trained(tmp_path_factory, data_cache):
 
 
 def analyze(run_dir, data, out, **options) -> dict:
+    options.setdefault("drivers", DriversConfig(tokens=1024))
     cfg = AnalyzeConfig(model_path=str(run_dir), data=data, out_dir=str(out), tokens=2048, progress=False, **options)
-    cfg.drivers.tokens = 1024
     run_analysis(cfg)
     return json.loads((out / "analysis.json").read_text())
 
@@ -82,3 +82,53 @@ def test_the_fingerprint_changes_with_any_weight(trained, tmp_path):
         model.model.layers[1].mlp.experts.down_proj[3, 0, 0] += 1e-3
     model.save_pretrained(tmp_path / "changed")
     assert checkpoint_fingerprint(tmp_path / "changed") != checkpoint_fingerprint(run_dir / "hf")
+
+
+def test_sufficiency_and_reweighting_sections(trained, tmp_path):
+    run_dir, data = trained
+    record = analyze(run_dir, data, tmp_path / "out", min_tokens=10, drivers=DriversConfig(tokens=1024),
+                     reweighting=ReweightingConfig(enabled=True, factor=2.0, drivers_per_domain=2))  # fmt: skip
+    domains = record["data"]["domains"]
+    suff = record["sufficiency"]
+    measured = [d for d in domains if suff["tokens"][d] > 0]
+    assert measured and all(0 <= suff["agreement"][d] <= 1 for d in measured)
+    assert all(suff["loss_top1"][d] != suff["loss_full"][d] for d in measured)  # top-2 model: top-1 changes it
+    rw = record["reweighting"]
+    for d in measured:
+        assert 1 <= len(rw["boosted"][d]) and set(rw["loss_under"][d]) == set(domains)
+        assert rw["loss_under"][d][d] != rw["loss"][d]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Single-expert sufficiency" in report and "## Reweighting" in report
+
+
+def test_a_folded_export_the_family_cannot_give_is_refused_before_any_work(trained, tmp_path):
+    run_dir, data = trained  # qwen3_moe_tiny renormalises its top-k weights (norm_topk_prob: true)
+    cfg = AnalyzeConfig(model_path=str(run_dir), data=data, out_dir=str(tmp_path / "out"), progress=False)
+    cfg.reweighting = ReweightingConfig(enabled=True, export=True)
+    with pytest.raises(ValueError, match="reweighting.export=true cannot be written.*renormalises its top-k"):
+        run_analysis(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_reweighting_drivers_without_the_scan_is_refused(trained, tmp_path):
+    run_dir, data = trained
+    cfg = AnalyzeConfig(model_path=str(run_dir), data=data, out_dir=str(tmp_path / "out"), progress=False)
+    cfg.drivers.enabled = False
+    cfg.reweighting.enabled = True
+    with pytest.raises(ValueError, match=r"targets includes 'drivers' but drivers.enabled=false"):
+        run_analysis(cfg)
+
+
+def test_connito_train_writes_the_report_of_its_final_model(data_cache, tmp_path):
+    overrides = [o for o in small_overrides(data_cache) if o != "analysis=none"]
+    proc = run_cli(
+        ["train", *overrides, "train.steps=4", "train.eval_every=0", "train.checkpoint_every=0",
+         "analysis.tokens=1024", "analysis.drivers.tokens=256", "analysis.progress=false"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "runs" / "quickstart" / "analysis"
+    record = json.loads((out / "analysis.json").read_text())
+    assert record["model"]["fingerprint"] == checkpoint_fingerprint(tmp_path / "runs" / "quickstart" / "hf")
+    assert "## Driver experts" in (out / "report.md").read_text()
+    assert f"analysis:   {out / 'report.md'}" in proc.stdout
