@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from connito.analysis.ranks import sum_over_ranks_
 from connito.analysis.token_loss import DomainSum, check_batches, forward_logits, next_token_logp, nll
 from connito.experts import ExpertId, ExpertView
 from connito.routing.edits import ExpertWeightScale
@@ -117,11 +118,14 @@ def driver_scan(
     *,
     num_domains: int | None = None,
     view: ExpertView | None = None,
+    all_ranks: bool = False,
 ) -> DriverScores:
     """Scan ``experts`` (default: every routed expert of every MoE layer; an :class:`~connito.experts.ExpertMask`
     or (layer, expert) pairs) on ``batches`` (input_ids [B, S]) with per-token ``domain_ids`` ([B, S], domains
-    0..D-1, negative = not counted). ``num_domains`` defaults to the largest domain id + 1. The model runs in
-    eval mode without gradients; its mode is restored after."""
+    0..D-1, negative = not counted). ``num_domains`` defaults to the largest domain id + 1 (give it under
+    ``all_ranks``). The model runs in eval mode without gradients; its mode is restored after.
+    ``all_ranks``: sum the measurements over the ranks of the process group before averaging, each rank having
+    measured its own batches (a collective: every rank calls it, with at least one batch each)."""
     check_factors(factor_up, factor_down)
     if not isinstance(experts_per_forward, int) or experts_per_forward < 1:
         raise ValueError(f"experts_per_forward must be an integer >= 1, got {experts_per_forward!r}")
@@ -129,6 +133,8 @@ def driver_scan(
     batches, domain_ids = list(batches), list(domain_ids)
     check_batches(batches, domain_ids, "driver_scan")
     if num_domains is None:
+        if all_ranks:
+            raise ValueError("all_ranks=True needs num_domains: the ranks' batches may not all hold every domain")
         num_domains = max(int(d.max()) for d in domain_ids) + 1
     if num_domains < 1:
         raise ValueError("no token has a domain id >= 0: nothing to measure")
@@ -173,6 +179,8 @@ def driver_scan(
         bar.close()
         model.train(was_training)
 
+    if all_ranks:
+        sum_over_ranks_([*sums.values(), ref_loss_D, tokens_D])
     scanned_LE = torch.zeros(view.num_layers, view.num_experts, dtype=torch.bool)
     for layer, expert in ids:
         scanned_LE[layer, expert] = True

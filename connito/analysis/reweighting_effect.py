@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from connito.analysis.drivers import DriverScores
+from connito.analysis.ranks import sum_over_ranks_
 from connito.analysis.reweighting import Reweighting, fold_into_weights
 from connito.analysis.summaries import RoutingSummary
 from connito.analysis.token_loss import DomainSum, check_batches, forward_logits, next_token_logp, nll
@@ -87,13 +88,18 @@ def reweighting_effect(
     num_domains: int | None = None,
     view: ExpertView | None = None,
     progress: bool = True,
+    all_ranks: bool = False,
 ) -> ReweightingEffect:
     """Every domain's loss on ``batches`` as routed and under each of ``reweightings`` (a reweighting that boosts
-    nothing is not run: its row is the routed loss). Eval mode, no gradients; the mode is restored after."""
+    nothing is not run: its row is the routed loss). Eval mode, no gradients; the mode is restored after.
+    ``all_ranks``: sum the measurements over the ranks of the process group before averaging, each rank having
+    measured its own batches (a collective: every rank calls it, with at least one batch each)."""
     view = view or ExpertView(model)
     batches, domain_ids = list(batches), list(domain_ids)
     check_batches(batches, domain_ids, "reweighting_effect")
     if num_domains is None:
+        if all_ranks:
+            raise ValueError("all_ranks=True needs num_domains: the ranks' batches may not all hold every domain")
         num_domains = max(int(d.max()) for d in domain_ids) + 1
     tokens_D = torch.zeros(num_domains, dtype=torch.float64)
     base_D = torch.zeros(num_domains, dtype=torch.float64)
@@ -124,6 +130,8 @@ def reweighting_effect(
     finally:
         bar.close()
         model.train(was_training)
+    if all_ranks:
+        sum_over_ranks_([tokens_D, base_D, sums_RD])
     count_D = tokens_D.clamp_min(1)
     nan_D = torch.where(tokens_D > 0, 0.0, float("nan")).double()
     return ReweightingEffect(tuple(reweightings), tokens_D, base_D / count_D + nan_D, sums_RD / count_D + nan_D)

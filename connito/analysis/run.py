@@ -1,10 +1,11 @@
 """``connito analyze``: stream held-out text through a model, measure its routing, scan for driver experts, and
 write ``analysis.json``, ``report.md`` and pictures.
 
-One process (CPU or one GPU). The model is a ``save_pretrained`` directory or a ``connito train`` run directory;
-the text is prepared with the model's own tokenizer when it ships one, so the rows are what the model was trained
-to read. Rows are taken evenly spread over the split (packed rows follow documents, so the first rows would all
-come from a few documents).
+One process (CPU or one GPU), or data parallel under ``torchrun`` (``all_ranks``: each rank streams every
+``world``-th row and the sums are added over the ranks; rank 0 writes). The model is a ``save_pretrained``
+directory or a ``connito train`` run directory; the text is prepared with the model's own tokenizer when it ships
+one, so the rows are what the model was trained to read. Rows are taken evenly spread over the split (packed rows
+follow documents, so the first rows would all come from a few documents).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from connito.analysis.config import AnalysisOptions, AnalyzeConfig
@@ -108,23 +110,30 @@ def _rows(split_len: int, seq_len: int, tokens: int) -> list[int]:
     return torch.linspace(0, split_len - 1, count).round().long().unique().tolist()
 
 
-def run_analysis(cfg: AnalyzeConfig, *, use_model_tokenizer: bool = True) -> AnalysisResult:
+def run_analysis(cfg: AnalyzeConfig, *, use_model_tokenizer: bool = True, all_ranks: bool = False) -> AnalysisResult:
     """Analyse ``cfg.model_path`` on ``cfg.data`` and write the outputs (see the module docstring).
 
     ``use_model_tokenizer``: when ``cfg.data.tokenizer_path`` is empty and the checkpoint ships a tokenizer,
     prepare the data with it (so the rows are what the model reads); False keeps ``cfg.data`` as given (the report
-    of a training run, whose data config already names the model's tokenizer or the recipe's trained one)."""
+    of a training run, whose data config already names the model's tokenizer or the recipe's trained one).
+
+    ``all_ranks``: data parallel over the initialised process group (a collective): rank 0 prepares the data,
+    every rank streams every ``world``-th row, the sums are added over the ranks, and rank 0 writes the outputs."""
     from transformers import AutoModelForCausalLM
 
     from connito.data import prepare_data
     from connito.models.loading import has_tokenizer, validate_checkpoint_dir
     from connito.training.batches import PackedSplit
+    from connito.training.collective import barrier
 
+    rank, world = (dist.get_rank(), dist.get_world_size()) if all_ranks else (0, 1)
     check_options(cfg)
     model_path = resolve_model_path(cfg.model_path)
     validate_checkpoint_dir(model_path)
     out_dir = Path(cfg.out_dir).expanduser() if cfg.out_dir else default_out_dir(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True, dtype=torch.float32).eval()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True, dtype=torch.float32)
+    model = model.to(device).eval()
     view = ExpertView(model)  # a dense model stops here: it has no experts to analyse
     if cfg.reweighting.enabled and cfg.reweighting.export:
         # any boost touching every MoE layer: refused exactly when some domain's boost would be
@@ -136,7 +145,12 @@ def run_analysis(cfg: AnalyzeConfig, *, use_model_tokenizer: bool = True) -> Ana
 
     if use_model_tokenizer and not cfg.data.tokenizer_path and has_tokenizer(model_path):
         cfg.data.tokenizer_path = str(model_path)
-    prepared = prepare_data(cfg.data, progress=cfg.progress)
+    if rank == 0:
+        prepared = prepare_data(cfg.data, progress=cfg.progress)
+    if all_ranks:
+        barrier()
+    if rank != 0:
+        prepared = prepare_data(cfg.data, progress=False)
     if len(prepared.load_tokenizer()) > model.config.vocab_size:
         raise ModelError(
             f"the data's tokenizer has more tokens than the model's vocabulary ({model.config.vocab_size}); set "
@@ -144,25 +158,38 @@ def run_analysis(cfg: AnalyzeConfig, *, use_model_tokenizer: bool = True) -> Ana
         )
     split = PackedSplit.from_dataset(prepared.load_split(cfg.split))
     seq_len = split.input_ids_NT.shape[1]
-    rows = _rows(len(split), seq_len, cfg.tokens)
-    batches = [rows[i : i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)]
+    progress = cfg.progress and rank == 0
+    num_domains = len(prepared.domains)
 
-    stats = RoutingStatistics(view, len(prepared.domains), prepared.domains)
+    def my_batches(tokens: int, what: str) -> list[list[int]]:
+        rows = _rows(len(split), seq_len, tokens)
+        if len(rows) < world:
+            raise ValueError(
+                f"{what}: {len(rows)} rows of {seq_len} tokens for {world} ranks; raise the token count or use "
+                "fewer ranks"
+            )
+        mine = rows[rank::world]
+        return [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+
+    stats = RoutingStatistics(view, num_domains, prepared.domains)
     observer = RouterObserver(model, view)
     subscription = stats.attach(observer)
     with torch.no_grad():
-        for index in tqdm(batches, desc="routing statistics", unit="batch", disable=not cfg.progress):
+        for index in tqdm(
+            my_batches(cfg.tokens, "tokens"), desc="routing statistics", unit="batch", disable=not progress
+        ):
             stats.set_domains(split.domain_ids_NT[index].reshape(-1))
-            model(input_ids=split.input_ids_NT[index])
+            model(input_ids=split.input_ids_NT[index].to(device))
     subscription.remove()
     observer.close()
+    if all_ranks:
+        stats.all_reduce_()
     summary = summarise(stats, min_tokens=cfg.min_tokens, specialisation_threshold=cfg.specialisation_threshold)
 
-    scan_rows = _rows(len(split), seq_len, cfg.drivers.tokens)
-    scan_batches = [scan_rows[i : i + cfg.batch_size] for i in range(0, len(scan_rows), cfg.batch_size)]
+    scan_batches = my_batches(cfg.drivers.tokens, "drivers.tokens")
     scan_inputs = [split.input_ids_NT[index] for index in scan_batches]
     scan_domains = [split.domain_ids_NT[index] for index in scan_batches]
-    num_domains = len(prepared.domains)
+    measure = dict(num_domains=num_domains, view=view, progress=progress, all_ranks=all_ranks)
     drivers = None
     if cfg.drivers.enabled:
         drivers = driver_scan(
@@ -172,15 +199,11 @@ def run_analysis(cfg: AnalyzeConfig, *, use_model_tokenizer: bool = True) -> Ana
             factor_up=cfg.drivers.factor_up,
             factor_down=cfg.drivers.factor_down,
             experts_per_forward=cfg.drivers.experts_per_forward,
-            progress=cfg.progress,
-            num_domains=num_domains,
-            view=view,
+            **measure,
         )
     sufficiency = None
     if cfg.sufficiency.enabled:
-        sufficiency = single_expert_sufficiency(
-            model, scan_inputs, scan_domains, num_domains=num_domains, view=view, progress=cfg.progress
-        )
+        sufficiency = single_expert_sufficiency(model, scan_inputs, scan_domains, **measure)
     effect, exports = None, {}
     if cfg.reweighting.enabled:
         rw = cfg.reweighting
@@ -193,17 +216,18 @@ def run_analysis(cfg: AnalyzeConfig, *, use_model_tokenizer: bool = True) -> Ana
             )
             for d in range(num_domains)
         ]
-        effect = reweighting_effect(
-            model, scan_inputs, scan_domains, reweightings, num_domains=num_domains, view=view, progress=cfg.progress
-        )
-        if rw.export:
+        effect = reweighting_effect(model, scan_inputs, scan_domains, reweightings, **measure)
+        if rw.export and rank == 0:
             for d, reweighting in enumerate(reweightings):
                 if reweighting.boost:
                     name = prepared.domains[d]
                     exports[name] = export_reweighted(model, model_path, reweighting, out_dir / f"reweighted-{name}")
     result = AnalysisResult(out_dir, model_path, fingerprint, summary, drivers, sufficiency, effect, exports)
-    write_outputs(result, stats, view, cfg)
-    log.info("analysis written to %s", out_dir)
+    if rank == 0:
+        write_outputs(result, stats, view, cfg)
+        log.info("analysis written to %s", out_dir)
+    if all_ranks:
+        barrier()
     return result
 
 

@@ -37,8 +37,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 
+from connito.analysis.ranks import sum_over_ranks_
 from connito.experts import ExpertView
 from connito.models.families import get_family
 from connito.routing import RouterObserver, RoutingRecord, Subscription
@@ -187,16 +187,7 @@ class RoutingStatistics:
         each replica routes its own rows; under expert parallelism (AutoEP) the router is replicated and every
         rank routes its own tokens before the all-to-all, so each rank's records cover exactly its own tokens.
         Ranks that streamed the same rows would count them once per rank."""
-        if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
-            return self
-        tensors = list(self.counts().values())
-        device = torch.device("cpu")
-        if dist.get_backend(group) == "nccl":
-            device = torch.device("cuda", torch.cuda.current_device())
-        flat = torch.cat([t.reshape(-1) for t in tensors]).to(device)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        for tensor, reduced in zip(tensors, flat.cpu().split([t.numel() for t in tensors])):
-            tensor.copy_(reduced.view_as(tensor))
+        sum_over_ranks_(list(self.counts().values()), group)
         return self
 
     # -- checkpointing ---------------------------------------------------------------------------------------------

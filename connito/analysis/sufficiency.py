@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from connito.analysis.ranks import sum_over_ranks_
 from connito.analysis.token_loss import DomainSum, check_batches, forward_logits, next_token_logp, nll
 from connito.experts import ExpertView
 from connito.routing.edits import KeepTopExperts
@@ -54,14 +55,19 @@ def single_expert_sufficiency(
     num_domains: int | None = None,
     view: ExpertView | None = None,
     progress: bool = True,
+    all_ranks: bool = False,
 ) -> Sufficiency:
     """Measure ``model`` on ``batches`` (input ids [B, S]) with per-token ``domain_ids`` ([B, S], domains 0..D-1,
     negative = not counted), as routed and with top-1 routing. The model runs in eval mode without gradients; its
-    mode is restored after."""
+    mode is restored after.
+    ``all_ranks``: sum the measurements over the ranks of the process group before averaging, each rank having
+    measured its own batches (a collective: every rank calls it, with at least one batch each)."""
     view = view or ExpertView(model)
     batches, domain_ids = list(batches), list(domain_ids)
     check_batches(batches, domain_ids, "single_expert_sufficiency")
     if num_domains is None:
+        if all_ranks:
+            raise ValueError("all_ranks=True needs num_domains: the ranks' batches may not all hold every domain")
         num_domains = max(int(d.max()) for d in domain_ids) + 1
     if num_domains < 1:
         raise ValueError("no token has a domain id >= 0: nothing to measure")
@@ -86,6 +92,8 @@ def single_expert_sufficiency(
                 sums["agree"] += per_domain((full_PV.argmax(dim=-1) == top1_PV.argmax(dim=-1)).double())
     finally:
         model.train(was_training)
+    if all_ranks:
+        sum_over_ranks_(list(sums.values()))
     tokens_D = sums["tokens"]
     mean = lambda sum_D: torch.where(tokens_D > 0, sum_D / tokens_D.clamp_min(1), float("nan"))  # noqa: E731
     return Sufficiency(tokens_D, mean(sums["full"]), mean(sums["top1"]), mean(sums["agree"]))

@@ -132,3 +132,46 @@ def test_connito_train_writes_the_report_of_its_final_model(data_cache, tmp_path
     assert record["model"]["fingerprint"] == checkpoint_fingerprint(tmp_path / "runs" / "quickstart" / "hf")
     assert "## Driver experts" in (out / "report.md").read_text()
     assert f"analysis:   {out / 'report.md'}" in proc.stdout
+
+
+@pytest.mark.distributed
+def test_analyze_under_torchrun_equals_one_process(trained, tmp_path, data_cache):
+    """2 gloo ranks, each streaming every other row: the same analysis.json as one process (sums in another
+    order: equal to the 6 digits the file keeps, up to one unit of the last)."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, clean_env, free_port
+
+    run_dir, data = trained
+    options = ["tokens=2048", "drivers.tokens=1024", "min_tokens=10", "progress=false", "reweighting.enabled=true"]
+    data_keys = [o for o in small_overrides(data_cache) if o.startswith("data.")]
+    args = ["analyze", f"model_path={run_dir}", *data_keys, *options]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "connito", *args, f"out_dir={tmp_path / 'two'}"]  # fmt: skip
+    proc = subprocess.run(command, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = analyze(run_dir, data, tmp_path / "one", min_tokens=10, reweighting=ReweightingConfig(enabled=True))
+    two = json.loads((tmp_path / "two" / "analysis.json").read_text())
+    assert two["data"] == one["data"] and two["domain_experts"] == one["domain_experts"]
+    assert two["concentration"] == one["concentration"] and two["topk_overlap"]["sets"] == one["topk_overlap"]["sets"]
+    assert two["reweighting"]["boosted"] == one["reweighting"]["boosted"]
+
+    def numbers(record):
+        values = []
+
+        def walk(node):
+            if isinstance(node, dict):
+                for key in sorted(node):
+                    if key not in ("path", "exports"):
+                        walk(node[key])
+            elif isinstance(node, list):
+                for item in node:
+                    walk(item)
+            elif isinstance(node, float):
+                values.append(node)
+
+        walk(record)
+        return torch.tensor(values, dtype=torch.float64)
+
+    torch.testing.assert_close(numbers(two), numbers(one), rtol=0, atol=2e-6)
