@@ -36,11 +36,13 @@ def checkpoint_fingerprint(path: str | Path) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def check_fingerprint(expected: str, path: str | Path, what: str) -> None:
-    """Refuse ``what`` (a file computed on another model) when ``path``'s fingerprint is not ``expected``."""
+def check_fingerprint(expected: str, path: str | Path, what: str, fix: str | None = None) -> None:
+    """Refuse ``what`` (a file computed on another model) when ``path``'s fingerprint is not ``expected``. ``fix``
+    (a sentence) replaces the default advice, which is to recompute the analysis on this model."""
     actual = checkpoint_fingerprint(path)
     if actual != expected:
+        fix = fix or f"Recompute it on this model (connito analyze model_path={path})"
         raise ModelError(
             f"{what} was computed on another model (fingerprint {expected[:19]}...), not on {path} "
-            f"({actual[:19]}...). Recompute it on this model (connito analyze model.path={path})"
+            f"({actual[:19]}...). {fix}"
         )
