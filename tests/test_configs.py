@@ -80,6 +80,9 @@ def test_primary_config_composes_into_its_schema_with_the_values_it_sets(command
 def test_group_option_composes_into_the_typed_config_with_the_values_it_sets(relative, command):
     group, option = relative.parent.as_posix(), relative.stem
     typed = compose_typed(command, [f"{group}={option}"])
+    if (CONFIGS / relative).read_text().startswith("# @package _global_"):  # sets keys from the root, e.g. `x: null`
+        assert_carries(yaml_of(CONFIGS / relative), typed, f"connito {command.name} {group}={option}")
+        return
     for part in group.split("/"):
         typed = getattr(typed, part)
     assert_carries(yaml_of(CONFIGS / relative), typed, f"connito {command.name} {group}={option}: {group}")
