@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from connito.adapt.config import SelectConfig
-from connito.adapt.mask_file import MaskFileError, read_mask_file, write_mask_file
 from connito.adapt.run import run_select
 from connito.adapt.selection import SelectionError, load_analysis, pick_per_layer, select_experts
 from connito.analysis.summaries import experts_to_reach
 from connito.experts import ExpertAddressError, ExpertMask, ExpertView
+from connito.experts.mask_file import MaskFileError, read_mask_file, write_mask_file
 from connito.models import ModelError
 from connito.models.fingerprint import checkpoint_fingerprint
 

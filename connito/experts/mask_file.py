@@ -24,7 +24,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from connito.experts import ExpertAddressError, ExpertMask, ExpertView, ParameterCount
+from connito.experts.addressing import ExpertAddressError, ExpertMask
+from connito.experts.view import ExpertView, ParameterCount
 from connito.models.families import ModelError, get_family
 
 MASK_SCHEMA = "connito.mask/1"
