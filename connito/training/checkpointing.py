@@ -134,6 +134,7 @@ def load(engine, checkpoint: Path, universal: Path | None = None, relaid=None) -
         load_path = str(checkpoint)
     elif universal is None:
         load_path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+        restore_frozen_expert_shards(engine, checkpoint)
     else:
         groups = snapshot_groups(engine)
         pad_param_groups(universal, len(groups), not dist.is_initialized() or dist.get_rank() == 0)
@@ -143,6 +144,34 @@ def load(engine, checkpoint: Path, universal: Path | None = None, relaid=None) -
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {checkpoint}")
     record = json.loads((checkpoint / STATE_FILE).read_text())
     return TrainState(**{f.name: record[f.name] for f in fields(TrainState) if f.name in record})
+
+
+def restore_frozen_expert_shards(engine, checkpoint: Path) -> None:
+    """Put back the frozen AutoEP expert shards DeepSpeed 0.19.8 overwrites when it loads a ZeRO-2 checkpoint.
+
+    At ZeRO 2 DeepSpeed saves every parameter its optimizer does not own (``requires_grad=False``) in rank 0's
+    ``frozen_param_fragments`` and, on load, copies those into every rank (``load_module_state_dict``) -- after it
+    loaded the expert shards from their per-expert files. A frozen expert shard of another expert-parallel rank
+    (different experts under the same name) thus becomes a copy of rank 0's. The per-expert files
+    (``layer_<moe layer>_expert_<global id>_mp_rank_00_model_states.pt``, keys ``<block>.experts.w1.<global id>``)
+    hold the right tensors: copy the frozen shards back from them. Trainable shards are not touched (the optimizer's
+    partitions restore them)."""
+    if engine.zero_optimization_stage() != 2:
+        return
+    from connito.parallel import autoep_layers
+
+    for moe_layer, (prefix, layer) in enumerate(autoep_layers(engine.module).items()):
+        frozen = {w: getattr(layer.experts, w) for w in ("w1", "w2", "w3")}
+        frozen = {w: p for w, p in frozen.items() if not p.requires_grad}
+        if not frozen:
+            continue
+        first = layer.ep_rank * layer.num_local_experts
+        for local in range(layer.num_local_experts):
+            path = checkpoint / f"layer_{moe_layer}_expert_{first + local}_mp_rank_00_model_states.pt"
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.no_grad():
+                for w, param in frozen.items():
+                    param[local].copy_(saved[f"{prefix}.experts.{w}.{first + local}"])
 
 
 def load_callback_state(checkpoint: Path) -> dict:

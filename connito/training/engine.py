@@ -13,7 +13,7 @@ from connito.training.schedule import warmup_cosine
 
 def build_optimizer(model: torch.nn.Module, cfg: ConnitoConfig, split_moe: bool = False) -> torch.optim.Optimizer:
     """AdamW; no weight decay on vectors (norms, biases, routing biases). Parameters that do not require grad get
-    no optimizer state.
+    no optimizer state (and a group left without parameters is not made).
 
     ``split_moe``: put expert parameters (AutoEP's, after the replacement) in their own ``moe`` groups, which
     DeepSpeed's ZeRO-1/2 and bf16 optimizers need to reduce them over the expert-data-parallel group."""
@@ -26,7 +26,10 @@ def build_optimizer(model: torch.nn.Module, cfg: ConnitoConfig, split_moe: bool 
     if split_moe:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-        groups = [g for g in split_params_into_different_moe_groups_for_optimizer(groups) if g["params"]]
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    # No empty groups: DeepSpeed drops them from the optimizer after the scheduler was built on it (a run that
+    # trains only expert matrices has no vector to put in no_decay).
+    groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
 
 

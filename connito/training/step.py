@@ -7,7 +7,7 @@ Shapes: B micro-batch, T sequence length.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -22,12 +22,13 @@ def micro_batch(split: PackedSplit, sampler: StepSampler, step: int, micro_step:
 
 
 def forward_loss(
-    engine, batch: MicroBatch, loss_terms: Sequence[LossTerm]
+    engine, batch: MicroBatch, loss_terms: Sequence[LossTerm], task_weight: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """``(loss, lm_loss, {term name: value})`` of one micro-batch: ``lm_loss + sum(coef * value)``."""
+    """``(loss, lm_loss, {term name: value})`` of one micro-batch: ``task_weight * lm_loss + sum(coef * value)``
+    (a weight of 1 leaves ``lm_loss`` bit for bit)."""
     outputs = engine(input_ids=batch.input_ids_BT)
     lm_loss = token_cross_entropy(outputs.logits, batch.input_ids_BT).mean()
-    loss, values = lm_loss, {}
+    loss, values = (lm_loss if task_weight == 1.0 else task_weight * lm_loss), {}
     for term in loss_terms:
         value = term(batch, outputs)
         if value is None:
@@ -38,15 +39,26 @@ def forward_loss(
 
 
 def train_step(
-    engine, split: PackedSplit, sampler: StepSampler, step: int, loss_terms: Sequence[LossTerm], device: torch.device
+    engine,
+    split: PackedSplit,
+    sampler: StepSampler,
+    step: int,
+    loss_terms: Sequence[LossTerm],
+    device: torch.device,
+    before_forward: Callable[[MicroBatch], float] | None = None,
 ) -> dict[str, float]:
     """Run optimizer step ``step`` (0-based): every micro-batch goes through ``engine.backward`` and
     ``engine.step``; DeepSpeed applies the update at the accumulation boundary. Returns the step's mean losses on
-    this rank: ``loss`` (next-token) and each loss term that gave a value, by name."""
+    this rank: ``loss`` (next-token, unweighted) and each loss term that gave a value, by name.
+
+    ``before_forward(batch)``, when given, runs before each micro-batch's forward and returns the weight of the
+    next-token loss in that micro-batch's loss (the trainer's: callbacks' ``on_micro_batch``, then
+    ``trainer.task_loss_weight``)."""
     sums: dict[str, float] = {"loss": 0.0}
     for micro_step in range(sampler.grad_accum):
         batch = micro_batch(split, sampler, step, micro_step, device)
-        loss, lm_loss, values = forward_loss(engine, batch, loss_terms)
+        task_weight = 1.0 if before_forward is None else before_forward(batch)
+        loss, lm_loss, values = forward_loss(engine, batch, loss_terms, task_weight)
         engine.backward(loss)
         engine.step()
         sums["loss"] += lm_loss.item()

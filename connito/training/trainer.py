@@ -25,7 +25,7 @@ from connito.parallel.expert_parallel import num_routed_experts, validate_expert
 from connito.routing import RouterObserver
 from connito.training import checkpointing, relayout, relayout_zero0
 from connito.training.batches import PackedSplit, StepSampler
-from connito.training.callbacks import Callback, LossTerm, build_callbacks, import_plugins
+from connito.training.callbacks import Callback, LossTerm, MicroBatch, build_callbacks, import_plugins
 from connito.training.callbacks.builtin import Checkpointer, Evaluator, Exporter, LoadBalancing, MetricsLogger
 from connito.training.config import ConnitoConfig, TrainConfig
 from connito.training.deepspeed_config import validate_engine
@@ -105,7 +105,9 @@ class Trainer:
     What callbacks may use: ``cfg``, ``info`` (rank, world), ``run_dir``, ``family``, ``engine`` (its ``module`` is
     the live model, AutoEP-swapped under expert parallelism), ``scheduler``, ``state`` (step, tokens seen),
     ``train_split`` / ``val_split`` / ``sampler`` / ``prepared`` (the data), ``sink`` (metrics), ``result``,
-    :meth:`add_loss_term`, :meth:`router_observer`, :meth:`evaluate`, :meth:`save_checkpoint`.
+    :meth:`add_loss_term`, :meth:`router_observer`, :meth:`evaluate`, :meth:`save_checkpoint`, and
+    ``task_loss_weight``: the weight of the next-token loss in the training loss (1; a callback may set it per
+    micro-batch in ``on_micro_batch``, e.g. DES-MoE's ``lambda * L_KD + (1 - lambda) * L_task``).
     """
 
     def __init__(self, cfg: ConnitoConfig, run_dir: Path, callbacks: list[Callback] | None = None):
@@ -122,6 +124,7 @@ class Trainer:
             Exporter(),
         ]
         self.loss_terms: list[LossTerm] = []
+        self.task_loss_weight = 1.0
         self.state = TrainState()
         self._observer: RouterObserver | None = None
         self._last_checkpoint_step = -1
@@ -222,6 +225,8 @@ class Trainer:
         model = build_model(
             cfg.model, len(self.tokenizer), cfg.train.seed, token_ids=tokenizer_token_ids(self.tokenizer)
         )
+        for callback in self.callbacks:
+            callback.on_model_built(self, model)
         universal, relaid = None, None
         if convert and self.layout.zero_stage == 0:  # ZeRO 0 at another ep_size: Connito re-lays it after initialize
             relaid = partial(
@@ -262,6 +267,11 @@ class Trainer:
                 log.info("resumed from %s at step %d", resume_from, self.state.step)
         self.result.steps_done = self.state.step
 
+    def _before_forward(self, batch: MicroBatch) -> float:
+        for callback in self.callbacks:
+            callback.on_micro_batch(self, batch)
+        return self.task_loss_weight
+
     def _fit(self) -> None:
         cfg, state = self.cfg, self.state
         for callback in self.callbacks:
@@ -270,8 +280,9 @@ class Trainer:
         self.engine.train()
         while state.step < cfg.train.steps:
             losses = train_step(
-                self.engine, self.train_split, self.sampler, state.step, self.loss_terms, self.engine.device
-            )
+                self.engine, self.train_split, self.sampler, state.step, self.loss_terms, self.engine.device,
+                before_forward=self._before_forward,
+            )  # fmt: skip
             state.step += 1
             state.tokens_seen += self.tokens_per_step
             for callback in self.callbacks:

@@ -1,5 +1,6 @@
 """Callbacks and loss terms: how methods plug into the one trainer (see :mod:`.base`)."""
 
+from connito.training.callbacks import trainable  # noqa: F401  (registers the built-in "trainable" callback)
 from connito.training.callbacks.base import (
     Callback,
     CallbackError,

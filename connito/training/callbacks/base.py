@@ -17,16 +17,27 @@ listed under ``plugins`` (where the ``@register_callback`` lines run), so users 
 
 Events, in the order a run sees them (``trainer`` is :class:`connito.training.trainer.Trainer`):
 
+* ``on_model_built(trainer, model)``: the transformers model is built (or loaded), before ``deepspeed.initialize``
+  (so before AutoEP swaps its MoE blocks and before the optimizer exists): what must shape the optimizer happens
+  here, e.g. ``requires_grad=False`` on parameters that get no gradient and no optimizer state
+  (:mod:`connito.training.grad_masks`). ``trainer.engine`` does not exist yet;
 * ``on_engine_built(trainer)``: after ``deepspeed.initialize`` (AutoEP's swap done, optimizer final), before a
   resumed checkpoint is loaded: parameter, gradient and optimizer hooks attach here;
 * ``load_state_dict(state)``: on resume, with what ``state_dict()`` returned when the checkpoint was written;
 * ``on_train_start(trainer)``: once, right before the first step of this invocation (after a resume's load);
-* per micro-batch, every registered :class:`LossTerm` is added to the loss (``loss + coef * value``);
+* ``on_micro_batch(trainer, batch)``: before each micro-batch's forward, with its :class:`MicroBatch` (tokens and
+  the domain of every token): per-token state for hooks goes here, and so do per-step loss weights (a term's
+  ``coef``, ``trainer.task_loss_weight``);
+* per micro-batch, every registered :class:`LossTerm` is added to the loss
+  (``task_loss_weight * lm_loss + sum(coef * value)``);
 * ``on_step_end(trainer, losses)``: after every optimizer step (the gradient-accumulation boundary);
 * ``on_metrics(trainer, metrics)``: add entries to a step's logged metrics (collective: every rank calls it);
 * ``on_evaluate(trainer, results)``: after each validation;
 * ``on_save(trainer, checkpoint)`` / ``on_load(trainer, checkpoint)``: after a checkpoint is written / loaded;
-* ``on_train_end(trainer)``: once, when the loop stops (finished or not).
+* ``on_train_end(trainer)``: once, when the loop stops (finished or not);
+* ``on_export(trainer, state_dict)``: on rank 0, right before the HF export of a finished run is written: edit the
+  model's ``state_dict`` (transformers names) in place, e.g. fold a router variant back into the family's router and
+  drop what plain transformers cannot load. Files a callback writes into ``trainer.result.export_dir`` stay.
 
 Callback state must be the same on every rank (reduce it first): rank 0's is saved, every rank loads it.
 """
@@ -76,10 +87,16 @@ class Callback:
     name: str = ""
     """Set from the config key (or registry name) the callback was built from."""
 
+    def on_model_built(self, trainer: Trainer, model: torch.nn.Module) -> None:
+        pass
+
     def on_engine_built(self, trainer: Trainer) -> None:
         pass
 
     def on_train_start(self, trainer: Trainer) -> None:
+        pass
+
+    def on_micro_batch(self, trainer: Trainer, batch: MicroBatch) -> None:
         pass
 
     def on_step_end(self, trainer: Trainer, losses: Mapping[str, float]) -> None:
@@ -98,6 +115,9 @@ class Callback:
         pass
 
     def on_train_end(self, trainer: Trainer) -> None:
+        pass
+
+    def on_export(self, trainer: Trainer, state_dict: dict[str, torch.Tensor]) -> None:
         pass
 
     def state_dict(self) -> dict:

@@ -94,7 +94,8 @@ class Checkpointer(Callback):
 
 
 class Exporter(Callback):
-    """At the end of a finished run: the HF export, ``summary.json`` and the per-domain table."""
+    """At the end of a finished run: the HF export (after every callback's ``on_export`` edited its state dict),
+    ``summary.json`` and the per-domain table."""
 
     def on_train_end(self, trainer: Trainer) -> None:
         result = trainer.result
@@ -108,12 +109,18 @@ class Exporter(Callback):
             from connito.training.export import export_hf
 
             result.export_dir = trainer.run_dir / "hf"
+
+            def edit(state_dict: dict[str, torch.Tensor]) -> None:
+                for callback in trainer.callbacks:
+                    callback.on_export(trainer, state_dict)
+
             export_hf(
                 trainer.engine,
                 trainer.tokenizer,
                 result.export_dir,
                 trainer.info.is_main,
                 trainer.cfg.engine.zero_stage,
+                edit=edit,
             )
         if trainer.info.is_main:
             write_summary(result, trainer.family.model_type)

@@ -1,0 +1,137 @@
+"""``callbacks.trainable``: train only chosen experts (plus shared experts, routers or named modules when asked),
+with slice-exact gradient masks (:mod:`connito.training.grad_masks`)::
+
+    connito train +callbacks.trainable.mask_file=esft_mask.json
+    connito train '+callbacks.trainable.experts=[[1,0],[1,5],[3,2]]' +callbacks.trainable.routers=true
+    connito train +callbacks.trainable.mask_file=m.json '+callbacks.trainable.modules=[lm_head.weight]'
+
+``mask_file`` is a ``connito.mask/1`` file (``connito select``; its fingerprint must be that of ``model.path``, the
+checkpoint it was selected on) or a bare :class:`connito.experts.ExpertMask` JSON file (``ExpertMask.to_json``:
+``shape``, ``moe_layers``, ``experts`` per layer; shape-checked only); ``experts`` lists ``[layer, expert]`` pairs
+in the global numbering. Give exactly one of them (``experts=[]`` trains no routed expert, for a run that trains
+routers or modules only).
+
+Events: ``on_model_built`` freezes every parameter with no trainable element (no gradient, no optimizer state);
+``on_engine_built`` attaches the gradient mask to the live (possibly AutoEP-sharded) model and the optimizer. The
+current trainable set is saved with every checkpoint and restored on resume, so a method that changed it between
+steps (``callback.mask.set_trainable``) resumes with the set it had. Rank 0 writes the starting set to
+``<run_dir>/trainable.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from connito.experts import ExpertAddressError, ExpertMask, ExpertView
+from connito.experts.mask_file import MASK_SCHEMA, read_mask_file
+from connito.models.fingerprint import checkpoint_fingerprint
+from connito.training.callbacks.base import Callback, CallbackError, register_callback
+from connito.training.grad_masks import (
+    GradientMask,
+    TrainableSet,
+    check_engine_config,
+    expert_mask_from_ids,
+    freeze_untrainable,
+)
+
+if TYPE_CHECKING:
+    from connito.training.trainer import Trainer
+
+log = logging.getLogger("connito.training")
+
+
+@register_callback("trainable")
+class Trainable(Callback):
+    """Options: ``mask_file`` or ``experts`` (one of them), ``shared_experts``, ``routers``, ``modules``."""
+
+    def __init__(
+        self,
+        mask_file: str | None = None,
+        experts: list | None = None,
+        shared_experts: bool = False,
+        routers: bool = False,
+        modules: list[str] | tuple[str, ...] = (),
+    ):
+        if (mask_file is None) == (experts is None):
+            raise CallbackError(
+                "callbacks.trainable needs exactly one of mask_file (an ExpertMask JSON file) or experts "
+                "([[layer, expert], ...]; [] for none)"
+            )
+        if mask_file is not None and not Path(mask_file).expanduser().is_file():
+            raise CallbackError(f"callbacks.trainable.mask_file='{mask_file}' is not a file")
+        if isinstance(modules, str):
+            modules = [modules]
+        self.mask_file, self.experts = mask_file, experts
+        self.shared_experts, self.routers, self.modules = bool(shared_experts), bool(routers), tuple(modules)
+        self.trainable: TrainableSet | None = None
+        self._base_path: str | None = None
+        self.mask: GradientMask | None = None
+
+    def trainable_set(self, view: ExpertView) -> TrainableSet:
+        if self.mask_file is not None:
+            path = Path(self.mask_file).expanduser()
+            try:
+                record = json.loads(path.read_text())
+            except json.JSONDecodeError as err:
+                raise CallbackError(f"callbacks.trainable.mask_file='{path}' is not JSON: {err}") from None
+            if isinstance(record, dict) and record.get("schema") == MASK_SCHEMA:
+                # a `connito select` mask file: checked against the base checkpoint's fingerprint
+                return TrainableSet(
+                    read_mask_file(path, self.base_fingerprint(), view=view).mask,
+                    self.shared_experts,
+                    self.routers,
+                    self.modules,
+                )
+            try:
+                experts = ExpertMask.from_dict(record)
+            except (ExpertAddressError, KeyError, TypeError, ValueError) as err:
+                raise CallbackError(f"callbacks.trainable.mask_file='{path}' is not an expert mask: {err}") from None
+        else:
+            try:
+                experts = expert_mask_from_ids(view, [tuple(pair) for pair in self.experts])
+            except TypeError:
+                raise CallbackError(
+                    f"callbacks.trainable.experts={self.experts!r}: give [[layer, expert], ...] pairs"
+                ) from None
+        return TrainableSet(experts, self.shared_experts, self.routers, self.modules)
+
+    def base_fingerprint(self) -> str:
+        """The fingerprint a ``connito.mask/1`` file must carry: the base checkpoint's (``model.path``)."""
+        if self._base_path is None:
+            raise CallbackError(
+                f"callbacks.trainable.mask_file='{self.mask_file}' is a mask file of a checkpoint (fingerprint "
+                "checked), but this run builds its model from a config: set model.path=<the checkpoint the mask was "
+                "selected on>, or pass the experts as callbacks.trainable.experts=[[layer, expert], ...]"
+            )
+        return checkpoint_fingerprint(self._base_path)
+
+    def on_model_built(self, trainer: Trainer, model: torch.nn.Module) -> None:
+        check_engine_config(trainer.cfg.engine)
+        self._base_path = trainer.cfg.model.path or None
+        self.trainable = self.trainable_set(ExpertView(model))
+        report = freeze_untrainable(model, self.trainable)
+        if trainer.info.is_main:
+            log.info(
+                "trainable: %d of %d parameters (%.1f%%); %d tensors frozen, %d masked by expert",
+                report.trainable_numel, report.total_numel, 100 * report.trainable_numel / report.total_numel,
+                len(report.frozen), len(report.masked),
+            )  # fmt: skip
+            (trainer.run_dir / "trainable.json").write_text(json.dumps(self.trainable.to_dict(), indent=1))
+
+    def on_engine_built(self, trainer: Trainer) -> None:
+        self.mask = GradientMask(trainer.engine, self.trainable)
+
+    def on_load(self, trainer: Trainer, checkpoint) -> None:
+        self.mask.refresh()
+
+    def state_dict(self) -> dict:
+        return {"trainable": self.mask.trainable.to_dict()} if self.mask is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "trainable" in state:
+            self.mask.set_trainable(TrainableSet.from_dict(state["trainable"]))
