@@ -42,6 +42,9 @@ def assert_carries(expected: dict, typed, where: str) -> None:
     """Every key ``expected`` (a YAML mapping) sets has that value in ``typed`` (a dataclass or dict)."""
     for key, value in expected.items():
         actual = typed[key] if isinstance(typed, dict) else getattr(typed, key)
+        if isinstance(value, str) and "${" in value:  # an interpolation: composition resolves it
+            assert isinstance(actual, str) and "${" not in actual, f"{where}.{key}: {value!r} left unresolved"
+            continue
         if isinstance(value, dict) and dataclasses.is_dataclass(actual):
             assert_carries(value, actual, f"{where}.{key}")
         else:

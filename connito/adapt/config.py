@@ -1,8 +1,10 @@
-"""Typed config of ``connito select`` (the root of ``configs/select.yaml``)."""
+"""Typed configs of ``connito select`` (``configs/select.yaml``) and ``connito adapt`` (``configs/adapt.yaml``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from connito.training.config import ConnitoConfig
 
 
 @dataclass
@@ -29,3 +31,56 @@ class SelectConfig:
     """method=list: the experts to keep as ``layer:expert``, e.g. ``experts=[1:0,1:5,2:3]``."""
     out: str = ""
     """The mask file to write. Empty: ``mask-<method>-<domains>-p<top_p>.json`` beside the analysis.json."""
+
+
+METHODS = ("full", "esft", "des_moe")
+
+
+@dataclass
+class EsftConfig:
+    """``connito adapt method=esft``: train the experts the domain uses (ESFT, Wang et al. 2024) and nothing else,
+    with slice-exact gradient masks (:mod:`connito.training.grad_masks`)."""
+
+    mask_file: str = ""
+    """The ``connito.mask/1`` file of the experts to train (``connito select``). Empty: analyse the training
+    data on the base model first, select with ``score`` and ``top_p``, and write ``<run>/mask.json``."""
+    score: str = "gate"
+    """Without a mask file: ``gate`` (ESFT-Gate: average gate score) or ``token`` (ESFT-Token: token
+    selection ratio)."""
+    top_p: float = 0.2
+    """Without a mask file: per layer, the fewest experts whose share of the score reaches top_p (ESFT: 0.2)."""
+    analysis_tokens: int = 65536
+    """Without a mask file: training tokens the selection's analysis streams."""
+    shared_experts: bool = False
+    """Train the shared experts too (default: the selected routed experts alone)."""
+    routers: bool = False
+    """Train the routers too."""
+    modules: list[str] = field(default_factory=list)
+    """More parameters to train, by name glob (e.g. ``[lm_head.weight]``)."""
+
+
+@dataclass
+class AdaptOutcomeConfig:
+    """What ``connito adapt`` measures after training (``<run>/adapt.json``, the table of ``connito adapt
+    report``)."""
+
+    eval_domains: list[str] = field(default_factory=list)
+    """Domains whose validation loss is compared between base and adapted model (the adapted domains' gain, the
+    others' forgetting). Empty: every default recipe domain (code, docs, prose, wiki)."""
+    eval_tokens: int = 65536
+    """Validation tokens per comparison (rows spread evenly over the split)."""
+    save_delta: bool = True
+    """Write ``<run>/delta``: an expert delta package of everything the run changed (``connito apply`` turns base +
+    delta back into the full checkpoint)."""
+
+
+@dataclass
+class AdaptConfig(ConnitoConfig):
+    """Root config of ``connito adapt``: the trainer's config (``model.path`` is the base checkpoint, ``data`` the
+    domain(s) to adapt to) plus the method and what to measure after."""
+
+    method: str = "esft"
+    """``full`` (every parameter), ``esft`` (the selected experts only; options under ``esft``) or ``des_moe``
+    (DES-MoE, Li et al. 2025: the ``des_moe`` callback, options as ``+callbacks.des_moe.<option>=...``)."""
+    esft: EsftConfig = field(default_factory=EsftConfig)
+    outcome: AdaptOutcomeConfig = field(default_factory=AdaptOutcomeConfig)

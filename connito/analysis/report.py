@@ -278,7 +278,8 @@ def report_markdown(record: dict, pictures: dict[str, str]) -> str:
             flat = score.nan_to_num(float("-inf")).flatten()
             top = flat.topk(min(3, flat.numel())).indices.tolist()
             cells = ", ".join(f"({moe[i // score.shape[1]]}, {i % score.shape[1]}: {flat[i]:+.4f})" for i in top)
-            lines.append(f"| {d} | {drivers['loss'][d]} | {cells} |")
+            loss = drivers["loss"][d]
+            lines.append(f"| {d} | {'-' if loss is None else f'{loss:.4f}'} | {cells} |")
         lines += ["", f"![drivers]({pictures['drivers']})", ""]
     if record["sufficiency"] is not None:
         lines += _sufficiency_section(record)

@@ -59,3 +59,30 @@ def check_batches(batches: list[torch.Tensor], domain_ids: list[torch.Tensor], w
             )
         if input_BS.is_floating_point() or domain_BS.is_floating_point():
             raise ValueError(f"batch {index}: input ids and domain ids must be integer tensors")
+
+
+def domain_losses(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    domain_ids: list[torch.Tensor],
+    num_domains: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens_D, loss_D)``: predicted tokens and mean next-token loss (nats; NaN where a domain has no token)
+    of ``model`` on ``batches`` per target domain. Eval mode, no gradients; the mode is restored after."""
+    check_batches(batches, domain_ids, "domain_losses")
+    tokens_D = torch.zeros(num_domains, dtype=torch.float64)
+    loss_D = torch.zeros(num_domains, dtype=torch.float64)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for input_BS, domain_BS in zip(batches, domain_ids):
+                input_BS = input_BS.to(device)
+                targets_P = input_BS[:, 1:].reshape(-1)
+                per_domain = DomainSum(domain_BS[:, 1:].reshape(-1).to(device), num_domains)
+                tokens_D += per_domain(torch.ones_like(targets_P, dtype=torch.float64))
+                loss_D += per_domain(nll(next_token_logp(forward_logits(model, input_BS)), targets_P))
+    finally:
+        model.train(was_training)
+    return tokens_D, torch.where(tokens_D > 0, loss_D / tokens_D.clamp_min(1), float("nan"))

@@ -1,0 +1,133 @@
+"""``connito adapt``: fine-tune a base checkpoint to a domain with one method on the one trainer, then measure what
+it gained and what it forgot.
+
+The method only chooses callbacks of :func:`connito.training.trainer.run_training`; there is no loop here:
+
+* ``full``: no callback, every parameter trains (the reference the others are measured against);
+* ``esft``: the ``trainable`` callback with the experts of a ``connito.mask/1`` file
+  (:mod:`connito.training.callbacks.trainable`: slice-exact gradient masks, frozen tensors without optimizer
+  state). Without ``esft.mask_file`` rank 0 first analyses the training data on the base model (``connito
+  analyze`` on the train split, no driver scan), selects with ESFT's rule (``esft.score``, ``esft.top_p``) and
+  writes ``<run>/mask.json``, which a rerun of the same command reuses;
+* ``des_moe``: the ``des_moe`` callback (:mod:`connito.adapt.des_moe`), options as ``+callbacks.des_moe.<k>=v``.
+
+After training, rank 0 measures the outcome (:mod:`connito.adapt.outcome`): validation loss of base and adapted
+model on every evaluated domain, trainable parameters, optimizer-state bytes, step time, and the delta package of
+everything the run changed; it writes ``<run>/adapt.json`` and prints the row.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+from connito.adapt.config import METHODS, AdaptConfig
+from connito.models.families import ModelError
+
+log = logging.getLogger("connito.adapt")
+
+MASK_FILE = "mask.json"
+
+
+def check_adapt(cfg: AdaptConfig) -> Path:
+    """The base checkpoint, once the options are known to make sense (before any work)."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"method='{cfg.method}' is not one of {', '.join(METHODS)}")
+    if not cfg.model.path:
+        raise ModelError(
+            "connito adapt needs the base checkpoint: model.path=<save_pretrained directory> (the quickstart's is "
+            "runs/quickstart/hf, written by `connito train`)"
+        )
+    base = Path(cfg.model.path).expanduser()
+    if (base / "hf" / "config.json").is_file():  # a connito run directory
+        base = base / "hf"
+        cfg.model.path = str(base)
+    if not (base / "config.json").is_file():
+        hint = " Run `connito train` first." if str(base) == "runs/quickstart/hf" else ""
+        raise ModelError(f"model.path='{base}' is not a save_pretrained checkpoint (no config.json).{hint}")
+    if cfg.method == "esft":
+        esft = cfg.esft
+        if esft.score not in ("gate", "token"):
+            raise ValueError(f"esft.score='{esft.score}' is not one of gate, token")
+        if not 0 < esft.top_p <= 1:
+            raise ValueError(f"esft.top_p={esft.top_p} must be in (0, 1] (ESFT's default is 0.2)")
+        if esft.mask_file and not Path(esft.mask_file).expanduser().is_file():
+            raise ValueError(f"esft.mask_file='{esft.mask_file}' is not a file; write one with `connito select`")
+    elif cfg.method == "des_moe" and "trainable" in cfg.callbacks:
+        raise ValueError("method=des_moe chooses what trains itself (its phases); remove callbacks.trainable")
+    if cfg.method != "esft" and cfg.esft.mask_file:
+        raise ValueError(f"esft.mask_file is set but method={cfg.method}; use method=esft or drop the mask")
+    return base
+
+
+def run_adapt(cfg: AdaptConfig, run_dir: Path):
+    """Adapt as ``cfg`` says in ``run_dir``; returns the trainer's result (``outcome`` set on rank 0 once the run
+    finished)."""
+    from connito.training.collective import convert_once_on_main
+    from connito.training.distributed import init_distributed
+    from connito.training.trainer import run_training
+
+    base = check_adapt(cfg)
+    info = init_distributed(cfg.engine.backend)
+    if cfg.method == "esft":
+        mask_path = Path(cfg.esft.mask_file).expanduser() if cfg.esft.mask_file else run_dir / MASK_FILE
+        if not cfg.esft.mask_file:
+            convert_once_on_main(
+                mask_path,
+                lambda: select_for_training(cfg, base, run_dir, mask_path),
+                f"selecting experts on the training data (ESFT-{cfg.esft.score}, top_p={cfg.esft.top_p})",
+                info.is_main,
+            )
+        from connito.experts.mask_file import read_mask_file
+
+        read_mask_file(mask_path, base)  # another model's mask (fingerprint or shape) stops here, before training
+        cfg.callbacks["trainable"] = {
+            "mask_file": str(mask_path),
+            "shared_experts": cfg.esft.shared_experts,
+            "routers": cfg.esft.routers,
+            "modules": list(cfg.esft.modules),
+        }
+    elif cfg.method == "des_moe":
+        import connito.adapt.des_moe  # noqa: F401  (registers callbacks.des_moe)
+
+        cfg.callbacks.setdefault("des_moe", {})
+    result = run_training(cfg, run_dir)
+    result.outcome = None
+    if result.finished and info.is_main:
+        from connito.adapt.outcome import measure_outcome
+
+        result.outcome = measure_outcome(cfg, base, result)
+    return result
+
+
+def select_for_training(cfg: AdaptConfig, base: Path, run_dir: Path, mask_path: Path) -> None:
+    """ESFT's selection on the training data: analyse it on the base model, select, write ``mask_path``."""
+    import json
+
+    from connito.adapt.selection import select_experts
+    from connito.analysis.config import AnalyzeConfig
+    from connito.analysis.run import run_analysis
+    from connito.experts.mask_file import write_mask_file
+
+    analysis_cfg = AnalyzeConfig(
+        model_path=str(base),
+        data=copy.deepcopy(cfg.data),
+        split="train",
+        tokens=cfg.esft.analysis_tokens,
+        out_dir=str(run_dir / "selection"),
+        progress=cfg.logging.progress,
+    )
+    analysis_cfg.drivers.enabled = False
+    analysis_cfg.sufficiency.enabled = False
+    result = run_analysis(analysis_cfg)
+    analysis = json.loads((result.out_dir / "analysis.json").read_text())
+    domains = [d for d in analysis["data"]["domains"] if analysis["data"]["usable"][d]]
+    mask = select_experts(analysis, cfg.esft.score, domains, top_p=cfg.esft.top_p)
+    write_mask_file(
+        mask_path,
+        mask,
+        analysis["model"],
+        {"method": cfg.esft.score, "domains": domains, "top_p": cfg.esft.top_p, "source": str(result.out_dir)},
+    )
+    log.info("selected %d experts for %s: %s", len(mask), ", ".join(domains), mask_path)
