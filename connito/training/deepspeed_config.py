@@ -59,7 +59,7 @@ def build_deepspeed_config(
         "steps_per_print": 2**31 - 1,  # Connito logs metrics itself
         "wall_clock_breakdown": False,
     }
-    if optim.grad_clip > 0:
+    if optim.grad_clip > 0 and not connito_clips(engine, parallel):
         config["gradient_clipping"] = optim.grad_clip
     if engine.precision == "bf16":
         config["bf16"] = {"enabled": True}
@@ -70,3 +70,10 @@ def build_deepspeed_config(
     if load_universal:
         config["checkpoint"] = {"load_universal": True}
     return config
+
+
+def connito_clips(engine: EngineConfig, parallel: ParallelConfig | None) -> bool:
+    """True where Connito clips the gradients itself instead of DeepSpeed: ZeRO 0 (fp32) under expert parallelism,
+    where DeepSpeed 0.19.8 averages per-rank norms instead of taking the global one
+    (:mod:`connito.parallel.grad_clip`)."""
+    return engine.zero_stage == 0 and engine.precision == "fp32" and parallel is not None and parallel.ep_size > 1

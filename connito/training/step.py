@@ -46,6 +46,7 @@ def train_step(
     loss_terms: Sequence[LossTerm],
     device: torch.device,
     before_forward: Callable[[MicroBatch], float] | None = None,
+    clip: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Run optimizer step ``step`` (0-based): every micro-batch goes through ``engine.backward`` and
     ``engine.step``; DeepSpeed applies the update at the accumulation boundary. Returns the step's mean losses on
@@ -53,13 +54,19 @@ def train_step(
 
     ``before_forward(batch)``, when given, runs before each micro-batch's forward and returns the weight of the
     next-token loss in that micro-batch's loss (the trainer's: callbacks' ``on_micro_batch``, then
-    ``trainer.task_loss_weight``)."""
+    ``trainer.task_loss_weight``).
+
+    ``clip()``, when given, runs after the last micro-batch's backward (gradients reduced) and before the step that
+    applies the update: it clips the gradients and returns their global norm, returned as ``grad_norm`` (Connito's
+    own clipping where DeepSpeed's is wrong: :mod:`connito.parallel.grad_clip`)."""
     sums: dict[str, float] = {"loss": 0.0}
     for micro_step in range(sampler.grad_accum):
         batch = micro_batch(split, sampler, step, micro_step, device)
         task_weight = 1.0 if before_forward is None else before_forward(batch)
         loss, lm_loss, values = forward_loss(engine, batch, loss_terms, task_weight)
         engine.backward(loss)
+        if clip is not None and micro_step == sampler.grad_accum - 1:
+            sums["grad_norm"] = float(clip()) * sampler.grad_accum  # averaged below like the losses
         engine.step()
         sums["loss"] += lm_loss.item()
         for name, value in values.items():

@@ -22,13 +22,14 @@ import torch.distributed as dist
 from connito.data import PreparedData, prepare_data
 from connito.models.loading import build_model, has_tokenizer, resolve_family, tokenizer_token_ids
 from connito.parallel.expert_parallel import num_routed_experts, validate_expert_parallel
+from connito.parallel.grad_clip import clip_grad_norm_expert_parallel_
 from connito.routing import RouterObserver
 from connito.training import checkpointing, relayout, relayout_zero0
 from connito.training.batches import PackedSplit, StepSampler
 from connito.training.callbacks import Callback, LossTerm, MicroBatch, build_callbacks, import_plugins
 from connito.training.callbacks.builtin import Checkpointer, Evaluator, Exporter, LoadBalancing, MetricsLogger
 from connito.training.config import ConnitoConfig, TrainConfig
-from connito.training.deepspeed_config import validate_engine
+from connito.training.deepspeed_config import connito_clips, validate_engine
 from connito.training.distributed import DistInfo, init_distributed
 from connito.training.engine import build_engine
 from connito.training.evaluation import evaluate_by_domain
@@ -267,6 +268,13 @@ class Trainer:
                 log.info("resumed from %s at step %d", resume_from, self.state.step)
         self.result.steps_done = self.state.step
 
+    @property
+    def _clip(self):
+        """Connito's gradient clipping where DeepSpeed's is wrong (ZeRO 0 under expert parallelism), else None."""
+        if self.cfg.optim.grad_clip > 0 and connito_clips(self.cfg.engine, self.cfg.parallel):
+            return partial(clip_grad_norm_expert_parallel_, self.engine.module, self.cfg.optim.grad_clip)
+        return None
+
     def _before_forward(self, batch: MicroBatch) -> float:
         for callback in self.callbacks:
             callback.on_micro_batch(self, batch)
@@ -281,7 +289,7 @@ class Trainer:
         while state.step < cfg.train.steps:
             losses = train_step(
                 self.engine, self.train_split, self.sampler, state.step, self.loss_terms, self.engine.device,
-                before_forward=self._before_forward,
+                before_forward=self._before_forward, clip=self._clip,
             )  # fmt: skip
             state.step += 1
             state.tokens_seen += self.tokens_per_step

@@ -154,3 +154,16 @@ def test_qwen2_moe_gated_shared_expert_ep2_matches_ep1(runs):
     ep2 = runs(2, ["model=qwen2_moe_tiny", "parallel.ep_size=2"])
     assert_same_curve(ep1["loss"], ep2["loss"])
     assert_same_curve(ep1["aux"], ep2["aux"])
+
+
+def test_zero0_ep2_clips_by_the_global_norm_like_ep1(runs):
+    """With clipping engaged at every step (norm >> 0.05), ZeRO-0 ep 2 follows ep 1: Connito clips by the global
+    gradient norm there (DeepSpeed 0.19.8 would clip by the mean of the ranks' own norms; connito.parallel.grad_clip)
+    and logs that norm."""
+    clip = ["optim.grad_clip=0.05", "model.aux_loss_coef=0"]
+    ep1 = runs(2, [*clip, "parallel.ep_size=1"])
+    ep2 = runs(2, [*clip, "parallel.ep_size=2"])
+    assert_same_curve(ep1["loss"], ep2["loss"])
+    records = [json.loads(line) for line in (ep2["dir"] / "metrics.jsonl").read_text().splitlines()]
+    norms = [r["train/grad_norm"] for r in records if "train/grad_norm" in r]
+    assert len(norms) == STEPS and min(norms) > 0.05

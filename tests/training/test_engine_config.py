@@ -40,3 +40,20 @@ def test_deepspeed_config_carries_batch_clip_and_stage():
     assert config["gradient_clipping"] == 0.5
     assert config["zero_optimization"] == {"stage": 2}
     assert config["bf16"] == {"enabled": True}
+
+
+@pytest.mark.parametrize(
+    ("stage", "ep_size", "deepspeed_clips"), [(0, 1, True), (0, 2, False), (1, 2, True), (2, 2, True)]
+)
+def test_connito_clips_zero0_expert_parallel_runs_itself(stage, ep_size, deepspeed_clips):
+    """ZeRO 0 under expert parallelism: DeepSpeed 0.19.8 would clip by the mean of per-rank norms, so the config
+    leaves clipping to Connito (connito.parallel.grad_clip); everywhere else DeepSpeed clips."""
+    from connito.training.config import ParallelConfig
+    from connito.training.deepspeed_config import connito_clips
+
+    engine, parallel = EngineConfig(zero_stage=stage), ParallelConfig(ep_size=ep_size)
+    config = build_deepspeed_config(
+        engine, OptimConfig(grad_clip=0.5), TrainConfig(), world_size=2, parallel=parallel, model_type="qwen3_moe"
+    )
+    assert ("gradient_clipping" in config) == deepspeed_clips
+    assert connito_clips(engine, parallel) == (not deepspeed_clips)
