@@ -2,7 +2,9 @@
 
 Measured on rank 0 once training finished:
 
-* **validation loss** of the base and of the adapted model (the run's HF export) on every evaluated domain
+* **validation loss** of the base and of the adapted model (the run's HF export; for DES-MoE with its trained
+  adaptive routers loaded, and as plain transformers loads it, the folded routers, in ``adapted_plain``) on every
+  evaluated domain
   (``outcome.eval_domains``; default the four recipe domains), the same held-out rows for both (rows spread evenly
   over the validation split of those domains, tokenized with the base's tokenizer). *Gain* is the mean loss drop
   on the adapted domains (``data.domains``), *forgetting* the mean loss change on the others (positive = worse);
@@ -83,6 +85,14 @@ def eval_batches(cfg, base: Path):
     )
 
 
+def method_label(cfg) -> str:
+    """``full``, ``des_moe``, ``esft-gate`` / ``esft-token`` (selected on the training data) or ``esft-mask`` (a
+    given mask file)."""
+    if cfg.method != "esft":
+        return cfg.method
+    return "esft-mask" if cfg.esft.mask_file else f"esft-{cfg.esft.score}"
+
+
 def measure_outcome(cfg, base: Path, result) -> dict:
     """Measure the finished run (see the module docstring), write ``adapt.json``, print the row; returns the record."""
     from transformers import AutoModelForCausalLM
@@ -99,10 +109,23 @@ def measure_outcome(cfg, base: Path, result) -> dict:
     adapted = AutoModelForCausalLM.from_pretrained(result.export_dir, **load).eval()
     domains, inputs, domain_ids = eval_batches(cfg, base)
     _, base_loss = domain_losses(base_model, inputs, domain_ids, len(domains))
-    tokens, adapted_loss = domain_losses(adapted, inputs, domain_ids, len(domains))
+    tokens, plain_loss = domain_losses(adapted, inputs, domain_ids, len(domains))
+    adapted_loss, router = plain_loss, "the family's (plain transformers)"
+    from connito.adapt.des_moe.export import MANIFEST, load_adaptive_router
+
+    if (result.export_dir / MANIFEST).is_file():  # DES-MoE: measure the trained adaptive routers, not their fold
+        routers = load_adaptive_router(adapted, result.export_dir)
+        _, adapted_loss = domain_losses(adapted, inputs, domain_ids, len(domains))
+        routers.remove()
+        router = f"DES-MoE's adaptive routers ({MANIFEST}); plain transformers' folded routers in adapted_plain"
     adapted_domains = [d for d in cfg.data.domains if d in domains] if cfg.data.source == "recipe" else []
     loss = {
-        d: {"tokens": int(tokens[i]), "base": float(base_loss[i]), "adapted": float(adapted_loss[i])}
+        d: {
+            "tokens": int(tokens[i]),
+            "base": float(base_loss[i]),
+            "adapted": float(adapted_loss[i]),
+            "adapted_plain": float(plain_loss[i]),
+        }
         for i, d in enumerate(domains)
     }
     change = {d: v["adapted"] - v["base"] for d, v in loss.items()}
@@ -120,10 +143,11 @@ def measure_outcome(cfg, base: Path, result) -> dict:
 
     record = {
         "schema": SCHEMA,
-        "method": cfg.method if cfg.method != "esft" else f"esft-{cfg.esft.score}",
+        "method": method_label(cfg),
         "base": {"path": str(base), "fingerprint": checkpoint_fingerprint(base)},
         "adapted_domains": adapted_domains,
         "loss": loss,
+        "router": router,
         "gain": None if mean(adapted_domains) is None else -mean(adapted_domains),
         "forgetting": mean(others),
         "trainable_params": trainable_elements(result),
