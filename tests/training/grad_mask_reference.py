@@ -12,9 +12,9 @@ difference in one step's clip factor becomes an update difference of ~1e-7 withi
   micro-step (ZeRO 2 reduces every micro-step's gradients into its partition);
 * the clip factor: ZeRO 0 clips by ``deepspeed.runtime.utils.clip_grad_norm_``'s expression, the norm of the
   per-tensor norms of the gradients as the engine's parameters hold them (the fused ``[E, ...]`` tensors, zero rows
-  included) -- under expert parallelism each rank's norm over the tensors it holds, then their mean (DeepSpeed
-  0.19.8's rule, which an unmasked run follows too, and which is not the global norm); ZeRO 1/2 clip by the norm
-  the engine reports (``train/grad_norm``) with the ZeRO optimizer's expression. The reference also returns its
+  included); under expert parallelism Connito clips ZeRO 0 itself by the global norm with DeepSpeed's
+  expression (:mod:`connito.parallel.grad_clip`: DeepSpeed 0.19.8 would take the mean of the ranks' own norms);
+  ZeRO 1/2 clip by the norm the engine reports (``train/grad_norm``) with the ZeRO optimizer's expression. The reference also returns its
   own plain global norm of the separate gradients, so a test can check that the engine's norm is the norm of the
   trainable gradients alone.
 """
@@ -209,6 +209,10 @@ def _clip(grads, held, engine: EngineArithmetic, step: int, max_norm: float):
         norm = torch.tensor(engine.norms[step], dtype=torch.float32)
         clip = torch.clamp(((norm / 1.0) + 1e-6) / max_norm, min=1.0)
         return [g * (1.0 / clip) for g in grads]
+    if engine.ep_size > 1:  # ZeRO 0 under expert parallelism: Connito clips by the global norm itself
+        total = torch.stack([g.float().pow(2).sum() for g in grads]).sum().sqrt()
+        clip_coef = max_norm / (total + 1e-6)
+        return [g * clip_coef for g in grads] if clip_coef < 1 else grads
     # ZeRO 0 (deepspeed.runtime.utils.clip_grad_norm_): each rank's norm of per-tensor norms, averaged over ranks.
     total = None
     for tensors in held:

@@ -163,6 +163,14 @@ class DesMoe(Callback):
             self.map.refresh()
             if trainer.info.is_main:
                 (trainer.run_dir / MAP_FILE).write_text(json.dumps(self.map_summary(step), indent=1))
+                unseen = [self.domain_names[d] for d in self.active if not bool(self.map.estimated_D[d])]
+                if unseen:
+                    log.warning(
+                        "des_moe: the expert-domain map has seen no token of %s yet (step %d), so those tokens train "
+                        "no expert until a later refresh sees them; check the data's domains or set "
+                        "callbacks.des_moe.domains to the ones it holds",
+                        ", ".join(unseen), step,
+                    )  # fmt: skip
         self._apply(step)
 
     def map_summary(self, step: int) -> dict:
