@@ -14,9 +14,9 @@ difference in one step's clip factor becomes an update difference of ~1e-7 withi
   per-tensor norms of the gradients as the engine's parameters hold them (the fused ``[E, ...]`` tensors, zero rows
   included); under expert parallelism Connito clips ZeRO 0 itself by the global norm with DeepSpeed's
   expression (:mod:`connito.parallel.grad_clip`: DeepSpeed 0.19.8 would take the mean of the ranks' own norms);
-  ZeRO 1/2 clip by the norm the engine reports (``train/grad_norm``) with the ZeRO optimizer's expression. The reference also returns its
-  own plain global norm of the separate gradients, so a test can check that the engine's norm is the norm of the
-  trainable gradients alone.
+  ZeRO 1/2 clip by the norm the engine reports (``train/grad_norm``) with the ZeRO optimizer's expression. The
+  reference also returns its own plain global norm of the separate gradients, so a test can check that the
+  engine's norm is the norm of the trainable gradients alone.
 """
 
 from __future__ import annotations
