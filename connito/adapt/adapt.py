@@ -94,10 +94,12 @@ def run_adapt(cfg: AdaptConfig, run_dir: Path):
         cfg.callbacks.setdefault("des_moe", {})
     result = run_training(cfg, run_dir)
     result.outcome = None
-    if result.finished and info.is_main:
-        from connito.adapt.outcome import measure_outcome
+    if result.finished:
+        from connito.adapt.outcome import measure_outcome, trainable_elements
 
-        result.outcome = measure_outcome(cfg, base, result)
+        trainable = trainable_elements(result)  # collective under expert parallelism
+        if info.is_main:
+            result.outcome = measure_outcome(cfg, base, result, trainable)
     return result
 
 

@@ -8,9 +8,10 @@ Measured on rank 0 once training finished:
   (``outcome.eval_domains``; default the four recipe domains), the same held-out rows for both (rows spread evenly
   over the validation split of those domains, tokenized with the base's tokenizer). *Gain* is the mean loss drop
   on the adapted domains (``data.domains``), *forgetting* the mean loss change on the others (positive = worse);
-* **trainable parameters**: elements the optimizer may move at the end of the run (a gradient mask's trainable
-  rows, else every ``requires_grad`` parameter);
-* **optimizer-state bytes** of this rank (AdamW's moments: under ZeRO 1/2 a rank holds its partition only);
+* **trainable parameters**: elements of the whole model the optimizer may move at the end of the run (a gradient
+  mask's trainable rows, else every ``requires_grad`` parameter; summed over the expert-parallel ranks);
+* **optimizer-state bytes** of rank 0 (AdamW's moments: under ZeRO 1/2 a rank holds its partition only, under
+  expert parallelism the state of its own experts);
 * **step time**: seconds per optimizer step over the run (from the last ``train/tokens_per_s`` the run logged,
   warm-up included);
 * **delta size**: bytes on disk of ``<run>/delta``, the expert delta package of every expert and module whose
@@ -46,14 +47,29 @@ def optimizer_state_bytes(engine) -> int:
 
 
 def trainable_elements(result) -> int:
-    """Elements the optimizer may move at the end of the run: the trainable rows of a gradient mask's parameters
-    (:class:`connito.training.grad_masks.GradientMask`, held by a callback as ``mask``; DES-MoE's final phase), else
-    every ``requires_grad`` parameter. This rank's shards under expert parallelism."""
+    """Elements of the whole model the optimizer may move at the end of the run: the trainable rows of a gradient
+    mask's parameters (:class:`connito.training.grad_masks.GradientMask`, held by a callback as ``mask``; DES-MoE's
+    final phase), else every ``requires_grad`` parameter. Under expert parallelism each rank holds other experts:
+    their counts are summed over the expert-parallel group (a collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    from connito.parallel.expert_parallel import autoep_layers
+
+    layers = list(autoep_layers(result.model).values())
+    expert_ids = {id(p) for layer in layers for p in layer.experts.parameters()}
+    counts = None
     for callback in getattr(result.trainer, "callbacks", []):
         masks = getattr(getattr(callback, "mask", None), "masks", None)
         if masks is not None:
-            return sum(m.trainable_numel() for m in masks)
-    return sum(p.numel() for p in result.model.parameters() if p.requires_grad)
+            counts = [(id(m.param) in expert_ids, m.trainable_numel()) for m in masks]
+            break
+    if counts is None:
+        counts = [(id(p) in expert_ids, p.numel()) for p in result.model.parameters() if p.requires_grad]
+    dense = sum(n for is_expert, n in counts if not is_expert)
+    experts = torch.tensor(float(sum(n for is_expert, n in counts if is_expert)), dtype=torch.float64)
+    if layers and layers[0].ep_group is not None and dist.is_initialized():
+        dist.all_reduce(experts, group=layers[0].ep_group)
+    return dense + int(experts)
 
 
 def step_seconds(run_dir: Path, tokens_per_step: int) -> float | None:
@@ -93,7 +109,7 @@ def method_label(cfg) -> str:
     return "esft-mask" if cfg.esft.mask_file else f"esft-{cfg.esft.score}"
 
 
-def measure_outcome(cfg, base: Path, result) -> dict:
+def measure_outcome(cfg, base: Path, result, trainable: int) -> dict:
     """Measure the finished run (see the module docstring), write ``adapt.json``, print the row; returns the record."""
     from transformers import AutoModelForCausalLM
 
@@ -150,7 +166,7 @@ def measure_outcome(cfg, base: Path, result) -> dict:
         "router": router,
         "gain": None if mean(adapted_domains) is None else -mean(adapted_domains),
         "forgetting": mean(others),
-        "trainable_params": trainable_elements(result),
+        "trainable_params": trainable,
         "total_params": sum(p.numel() for p in base_model.parameters()),
         "optimizer_state_bytes": optimizer_state_bytes(result.engine),
         "step_seconds": step_seconds(run_dir, result.trainer.tokens_per_step),
