@@ -43,7 +43,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from connito.analysis.ranks import sum_over_ranks_
-from connito.analysis.token_loss import DomainSum, check_batches, forward_logits, next_token_logp, nll
+from connito.analysis.token_loss import (
+    checked_inputs,
+    evaluating,
+    forward_logits,
+    measured_batches,
+    next_token_logp,
+    nll,
+)
 from connito.experts import ExpertId, ExpertView
 from connito.routing.edits import ExpertWeightScale
 
@@ -130,14 +137,7 @@ def driver_scan(
     if not isinstance(experts_per_forward, int) or experts_per_forward < 1:
         raise ValueError(f"experts_per_forward must be an integer >= 1, got {experts_per_forward!r}")
     view = view or ExpertView(model)
-    batches, domain_ids = list(batches), list(domain_ids)
-    check_batches(batches, domain_ids, "driver_scan")
-    if num_domains is None:
-        if all_ranks:
-            raise ValueError("all_ranks=True needs num_domains: the ranks' batches may not all hold every domain")
-        num_domains = max(int(d.max()) for d in domain_ids) + 1
-    if num_domains < 1:
-        raise ValueError("no token has a domain id >= 0: nothing to measure")
+    batches, domain_ids, num_domains = checked_inputs(batches, domain_ids, "driver_scan", num_domains, all_ranks)
     ids = _expert_list(view, experts)
     moe_index = {layer: i for i, layer in enumerate(view.moe_layers)}
     chunks = [ids[i : i + experts_per_forward] for i in range(0, len(ids), experts_per_forward)]
@@ -146,38 +146,29 @@ def driver_scan(
     sums = {key: torch.zeros(shape, dtype=torch.float64) for key in ("loss_up", "loss_down", "kl_up", "kl_down")}
     ref_loss_D = torch.zeros(num_domains, dtype=torch.float64)
     tokens_D = torch.zeros(num_domains, dtype=torch.float64)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     bar = tqdm(total=len(batches) * len(chunks), desc="driver scan", unit="forward", disable=not progress)
-    try:
-        with torch.no_grad():
-            for input_BS, domain_BS in zip(batches, domain_ids):
-                input_BS = input_BS.to(device)
-                targets_P = input_BS[:, 1:].reshape(-1)
-                per_domain = DomainSum(domain_BS[:, 1:].reshape(-1).to(device), num_domains)
-                ref_logp_PV = next_token_logp(forward_logits(model, input_BS))
-                ref_p_PV = ref_logp_PV.exp()
-                ref_loss_D += per_domain(nll(ref_logp_PV, targets_P))
-                tokens_D += per_domain(torch.ones_like(targets_P, dtype=torch.float64))
-                for chunk in chunks:
-                    factors_GME = torch.ones(2 * len(chunk), len(view.moe_layers), view.num_experts)
-                    for i, (layer, expert) in enumerate(chunk):
-                        factors_GME[2 * i, moe_index[layer], expert] = factor_up
-                        factors_GME[2 * i + 1, moe_index[layer], expert] = factor_down
-                    with ExpertWeightScale(model, factors_GME, view=view):
-                        logits_CBSV = forward_logits(model, input_BS.repeat(2 * len(chunk), 1))
-                    logits_CBSV = logits_CBSV.view(2 * len(chunk), *input_BS.shape, -1)
-                    for i, (layer, expert) in enumerate(chunk):
-                        for direction, copy in (("up", 2 * i), ("down", 2 * i + 1)):
-                            logp_PV = next_token_logp(logits_CBSV[copy])
-                            kl_P = (ref_p_PV * (ref_logp_PV - logp_PV)).sum(dim=-1)
-                            sums[f"loss_{direction}"][:, layer, expert] += per_domain(nll(logp_PV, targets_P))
-                            sums[f"kl_{direction}"][:, layer, expert] += per_domain(kl_P)
-                    bar.update(1)
-    finally:
-        bar.close()
-        model.train(was_training)
+    with evaluating(model):
+        for input_BS, targets_P, per_domain in measured_batches(model, batches, domain_ids, num_domains):
+            ref_logp_PV = next_token_logp(forward_logits(model, input_BS))
+            ref_p_PV = ref_logp_PV.exp()
+            ref_loss_D += per_domain(nll(ref_logp_PV, targets_P))
+            tokens_D += per_domain(torch.ones_like(targets_P, dtype=torch.float64))
+            for chunk in chunks:
+                factors_GME = torch.ones(2 * len(chunk), len(view.moe_layers), view.num_experts)
+                for i, (layer, expert) in enumerate(chunk):
+                    factors_GME[2 * i, moe_index[layer], expert] = factor_up
+                    factors_GME[2 * i + 1, moe_index[layer], expert] = factor_down
+                with ExpertWeightScale(model, factors_GME, view=view):
+                    logits_CBSV = forward_logits(model, input_BS.repeat(2 * len(chunk), 1))
+                logits_CBSV = logits_CBSV.view(2 * len(chunk), *input_BS.shape, -1)
+                for i, (layer, expert) in enumerate(chunk):
+                    for direction, copy in (("up", 2 * i), ("down", 2 * i + 1)):
+                        logp_PV = next_token_logp(logits_CBSV[copy])
+                        kl_P = (ref_p_PV * (ref_logp_PV - logp_PV)).sum(dim=-1)
+                        sums[f"loss_{direction}"][:, layer, expert] += per_domain(nll(logp_PV, targets_P))
+                        sums[f"kl_{direction}"][:, layer, expert] += per_domain(kl_P)
+                bar.update(1)
+    bar.close()
 
     if all_ranks:
         sum_over_ranks_([*sums.values(), ref_loss_D, tokens_D])

@@ -27,7 +27,14 @@ from connito.analysis.drivers import DriverScores
 from connito.analysis.ranks import sum_over_ranks_
 from connito.analysis.reweighting import Reweighting, fold_into_weights
 from connito.analysis.summaries import RoutingSummary
-from connito.analysis.token_loss import DomainSum, check_batches, forward_logits, next_token_logp, nll
+from connito.analysis.token_loss import (
+    checked_inputs,
+    evaluating,
+    forward_logits,
+    measured_batches,
+    next_token_logp,
+    nll,
+)
 from connito.experts import ExpertId, ExpertView
 
 TARGETS = ("drivers", "domain_experts")
@@ -95,41 +102,27 @@ def reweighting_effect(
     ``all_ranks``: sum the measurements over the ranks of the process group before averaging, each rank having
     measured its own batches (a collective: every rank calls it, with at least one batch each)."""
     view = view or ExpertView(model)
-    batches, domain_ids = list(batches), list(domain_ids)
-    check_batches(batches, domain_ids, "reweighting_effect")
-    if num_domains is None:
-        if all_ranks:
-            raise ValueError("all_ranks=True needs num_domains: the ranks' batches may not all hold every domain")
-        num_domains = max(int(d.max()) for d in domain_ids) + 1
+    batches, domain_ids, num_domains = checked_inputs(batches, domain_ids, "reweighting_effect", num_domains, all_ranks)
     tokens_D = torch.zeros(num_domains, dtype=torch.float64)
     base_D = torch.zeros(num_domains, dtype=torch.float64)
     sums_RD = torch.zeros(len(reweightings), num_domains, dtype=torch.float64)
     active = [r for r, rw in enumerate(reweightings) if any(f != 1 for f in rw.boost.values())]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     bar = tqdm(total=len(batches) * (1 + len(active)), desc="reweighting", unit="forward", disable=not progress)
-    try:
-        with torch.no_grad():
-            for input_BS, domain_BS in zip(batches, domain_ids):
-                input_BS = input_BS.to(device)
-                targets_P = input_BS[:, 1:].reshape(-1)
-                per_domain = DomainSum(domain_BS[:, 1:].reshape(-1).to(device), num_domains)
-                tokens_D += per_domain(torch.ones_like(targets_P, dtype=torch.float64))
-                loss_D = per_domain(nll(next_token_logp(forward_logits(model, input_BS)), targets_P))
-                base_D += loss_D
+    with evaluating(model):
+        for input_BS, targets_P, per_domain in measured_batches(model, batches, domain_ids, num_domains):
+            tokens_D += per_domain(torch.ones_like(targets_P, dtype=torch.float64))
+            loss_D = per_domain(nll(next_token_logp(forward_logits(model, input_BS)), targets_P))
+            base_D += loss_D
+            bar.update(1)
+            for r, reweighting in enumerate(reweightings):
+                if r not in active:
+                    sums_RD[r] += loss_D
+                    continue
+                with reweighting.apply(model, view):
+                    logp_PV = next_token_logp(forward_logits(model, input_BS))
+                sums_RD[r] += per_domain(nll(logp_PV, targets_P))
                 bar.update(1)
-                for r, reweighting in enumerate(reweightings):
-                    if r not in active:
-                        sums_RD[r] += loss_D
-                        continue
-                    with reweighting.apply(model, view):
-                        logp_PV = next_token_logp(forward_logits(model, input_BS))
-                    sums_RD[r] += per_domain(nll(logp_PV, targets_P))
-                    bar.update(1)
-    finally:
-        bar.close()
-        model.train(was_training)
+    bar.close()
     if all_ranks:
         sum_over_ranks_([tokens_D, base_D, sums_RD])
     count_D = tokens_D.clamp_min(1)

@@ -26,7 +26,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from connito.analysis.ranks import sum_over_ranks_
-from connito.analysis.token_loss import DomainSum, check_batches, forward_logits, next_token_logp, nll
+from connito.analysis.token_loss import (
+    checked_inputs,
+    evaluating,
+    forward_logits,
+    measured_batches,
+    next_token_logp,
+    nll,
+)
 from connito.experts import ExpertView
 from connito.routing.edits import KeepTopExperts
 
@@ -63,35 +70,22 @@ def single_expert_sufficiency(
     ``all_ranks``: sum the measurements over the ranks of the process group before averaging, each rank having
     measured its own batches (a collective: every rank calls it, with at least one batch each)."""
     view = view or ExpertView(model)
-    batches, domain_ids = list(batches), list(domain_ids)
-    check_batches(batches, domain_ids, "single_expert_sufficiency")
-    if num_domains is None:
-        if all_ranks:
-            raise ValueError("all_ranks=True needs num_domains: the ranks' batches may not all hold every domain")
-        num_domains = max(int(d.max()) for d in domain_ids) + 1
-    if num_domains < 1:
-        raise ValueError("no token has a domain id >= 0: nothing to measure")
+    batches, domain_ids, num_domains = checked_inputs(
+        batches, domain_ids, "single_expert_sufficiency", num_domains, all_ranks
+    )
     sums = {key: torch.zeros(num_domains, dtype=torch.float64) for key in ("tokens", "full", "top1", "agree")}
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for input_BS, domain_BS in tqdm(
-                list(zip(batches, domain_ids)), desc="single-expert sufficiency", unit="batch", disable=not progress
-            ):
-                input_BS = input_BS.to(device)
-                targets_P = input_BS[:, 1:].reshape(-1)
-                per_domain = DomainSum(domain_BS[:, 1:].reshape(-1).to(device), num_domains)
-                full_PV = next_token_logp(forward_logits(model, input_BS))
-                with KeepTopExperts(model, keep=1, view=view):
-                    top1_PV = next_token_logp(forward_logits(model, input_BS))
-                sums["tokens"] += per_domain(torch.ones_like(targets_P, dtype=torch.float64))
-                sums["full"] += per_domain(nll(full_PV, targets_P))
-                sums["top1"] += per_domain(nll(top1_PV, targets_P))
-                sums["agree"] += per_domain((full_PV.argmax(dim=-1) == top1_PV.argmax(dim=-1)).double())
-    finally:
-        model.train(was_training)
+    measured = measured_batches(model, batches, domain_ids, num_domains)
+    with evaluating(model):
+        for input_BS, targets_P, per_domain in tqdm(
+            measured, total=len(batches), desc="single-expert sufficiency", unit="batch", disable=not progress
+        ):
+            full_PV = next_token_logp(forward_logits(model, input_BS))
+            with KeepTopExperts(model, keep=1, view=view):
+                top1_PV = next_token_logp(forward_logits(model, input_BS))
+            sums["tokens"] += per_domain(torch.ones_like(targets_P, dtype=torch.float64))
+            sums["full"] += per_domain(nll(full_PV, targets_P))
+            sums["top1"] += per_domain(nll(top1_PV, targets_P))
+            sums["agree"] += per_domain((full_PV.argmax(dim=-1) == top1_PV.argmax(dim=-1)).double())
     if all_ranks:
         sum_over_ranks_(list(sums.values()))
     tokens_D = sums["tokens"]

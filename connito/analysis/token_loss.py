@@ -9,6 +9,9 @@ Shape legend: B batch rows, S sequence, V vocabulary, D domains, P predicted pos
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -61,6 +64,45 @@ def check_batches(batches: list[torch.Tensor], domain_ids: list[torch.Tensor], w
             raise ValueError(f"batch {index}: input ids and domain ids must be integer tensors")
 
 
+def checked_inputs(
+    batches, domain_ids, who: str, num_domains: int | None, all_ranks: bool = False
+) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """``(batches, domain_ids, num_domains)`` as lists, checked for ``who``; ``num_domains`` defaults to the
+    largest domain id + 1 (it must be given under ``all_ranks``: the ranks' batches may not all hold every domain)."""
+    batches, domain_ids = list(batches), list(domain_ids)
+    check_batches(batches, domain_ids, who)
+    if num_domains is None:
+        if all_ranks:
+            raise ValueError("all_ranks=True needs num_domains: the ranks' batches may not all hold every domain")
+        num_domains = max(int(d.max()) for d in domain_ids) + 1
+    if num_domains < 1:
+        raise ValueError("no token has a domain id >= 0: nothing to measure")
+    return batches, domain_ids, num_domains
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode without gradients; its mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def measured_batches(
+    model: nn.Module, batches: list[torch.Tensor], domain_ids: list[torch.Tensor], num_domains: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, DomainSum]]:
+    """Per batch: ``(input_BS on the model's device, targets_P, per_domain)``: the next-token targets and a
+    :class:`DomainSum` of their target domains."""
+    device = next(model.parameters()).device
+    for input_BS, domain_BS in zip(batches, domain_ids):
+        input_BS = input_BS.to(device)
+        yield input_BS, input_BS[:, 1:].reshape(-1), DomainSum(domain_BS[:, 1:].reshape(-1).to(device), num_domains)
+
+
 def domain_losses(
     model: nn.Module,
     batches: list[torch.Tensor],
@@ -69,20 +111,11 @@ def domain_losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(tokens_D, loss_D)``: predicted tokens and mean next-token loss (nats; NaN where a domain has no token)
     of ``model`` on ``batches`` per target domain. Eval mode, no gradients; the mode is restored after."""
-    check_batches(batches, domain_ids, "domain_losses")
+    batches, domain_ids, num_domains = checked_inputs(batches, domain_ids, "domain_losses", num_domains)
     tokens_D = torch.zeros(num_domains, dtype=torch.float64)
     loss_D = torch.zeros(num_domains, dtype=torch.float64)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for input_BS, domain_BS in zip(batches, domain_ids):
-                input_BS = input_BS.to(device)
-                targets_P = input_BS[:, 1:].reshape(-1)
-                per_domain = DomainSum(domain_BS[:, 1:].reshape(-1).to(device), num_domains)
-                tokens_D += per_domain(torch.ones_like(targets_P, dtype=torch.float64))
-                loss_D += per_domain(nll(next_token_logp(forward_logits(model, input_BS)), targets_P))
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        for input_BS, targets_P, per_domain in measured_batches(model, batches, domain_ids, num_domains):
+            tokens_D += per_domain(torch.ones_like(targets_P, dtype=torch.float64))
+            loss_D += per_domain(nll(next_token_logp(forward_logits(model, input_BS)), targets_P))
     return tokens_D, torch.where(tokens_D > 0, loss_D / tokens_D.clamp_min(1), float("nan"))
