@@ -2,12 +2,12 @@
 
 from pathlib import Path
 
-from connito.adapt.config import AdaptConfig
+from connito.adaptation.config import AdaptConfig
 from connito.cli.command import Command
 
 
 def run(cfg: AdaptConfig, run_dir: Path) -> float | None:
-    from connito.adapt.adapt import run_adapt  # here, not at the top: `connito --help` stays fast
+    from connito.adaptation.adapt import run_adapt  # here, not at the top: `connito --help` stays fast
 
     result = run_adapt(cfg, run_dir)
     if result.outcome is not None:

@@ -15,7 +15,7 @@ class AdaptReportConfig:
 
 
 def run(cfg: AdaptReportConfig, run_dir: Path) -> None:
-    from connito.adapt.outcome import outcome_table, read_outcomes
+    from connito.adaptation.outcome import outcome_table, read_outcomes
 
     if not cfg.runs:
         raise ValueError("name the runs: connito adapt report runs='[runs/adapt-full,runs/adapt-esft]'")

@@ -2,12 +2,12 @@
 
 from pathlib import Path
 
-from connito.adapt.config import SelectConfig
+from connito.adaptation.config import SelectConfig
 from connito.cli.command import Command
 
 
 def run(cfg: SelectConfig, run_dir: Path) -> None:
-    from connito.adapt.run import run_select, summary_text  # here, not at the top: `connito --help` stays fast
+    from connito.adaptation.run import run_select, summary_text  # here, not at the top: `connito --help` stays fast
 
     mask_file = run_select(cfg)
     print(f"mask file:  {mask_file.path}", summary_text(mask_file), sep="\n")

@@ -4,13 +4,13 @@ The term (per micro-batch, averaged over the MoE layers and the tokens of the fo
 
     L_KD = mean_layers mean_tokens KL( softmax(R_pre(h) / t) || softmax(R_adapt(h) / t) ),     t = tau (0.7)
 
-``R_adapt(h)`` is the adaptive router's logits (:mod:`connito.adapt.des_moe.router`), ``R_pre(h) = h @ W_pre.T`` the
-pretrained router, a frozen copy of the router weights taken before training, applied to the *same* hidden states
-``h`` the adaptive router saw in this forward. The teacher is a target: its logits are computed without gradient
-(from ``h.detach()``), so the KL pulls the adaptive router (and, through ``h``, the layers below it) towards what the
-pretrained router says about the current hidden states, never the teacher towards the student. As in the paper's
-equation the KL is not multiplied by ``t**2``. Softmax is taken over the logits for every family (for DeepSeek-V3's
-sigmoid scores it is a distance between logit vectors, which is what the paper's formula states).
+``R_adapt(h)`` is the adaptive router's logits (:mod:`connito.adaptation.des_moe.router`), ``R_pre(h) = h @
+W_pre.T`` the pretrained router, a frozen copy of the router weights taken before training, applied to the *same*
+hidden states ``h`` the adaptive router saw in this forward. The teacher is a target: its logits are computed
+without gradient (from ``h.detach()``), so the KL pulls the adaptive router (and, through ``h``, the layers below
+it) towards what the pretrained router says about the current hidden states, never the teacher towards the student.
+As in the paper's equation the KL is not multiplied by ``t**2``. Softmax is taken over the logits for every family
+(for DeepSeek-V3's sigmoid scores it is a distance between logit vectors, which is what the paper's formula states).
 
 The trainer's loss becomes ``lambda * L_KD + (1 - lambda) * L_task``: the DES-MoE callback sets this term's
 ``coef`` to lambda and the trainer's ``task_loss_weight`` to ``1 - lambda`` before each micro-batch
@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from connito.adapt.des_moe.router import AdaptiveRouters
+from connito.adaptation.des_moe.router import AdaptiveRouters
 from connito.training.callbacks import CallbackError, LossTerm, MicroBatch
 
 Schedule = Callable[[float], float]
@@ -77,7 +77,7 @@ def kd_schedule(name: str, knots: Sequence[Sequence[float]] = ()) -> Schedule:
         known = ", ".join(sorted([*_SCHEDULES, "piecewise"]))
         raise CallbackError(
             f"callbacks.des_moe.kd_schedule='{name}' is not one of {known} (register more with "
-            "connito.adapt.des_moe.distill.register_kd_schedule)"
+            "connito.adaptation.des_moe.distill.register_kd_schedule)"
         )
 
     def checked(progress: float) -> float:

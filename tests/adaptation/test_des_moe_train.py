@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from connito.adapt.des_moe import DesMoe
-from connito.adapt.des_moe.export import MANIFEST, load_adaptive_router
+from connito.adaptation.des_moe import DesMoe
+from connito.adaptation.des_moe.export import MANIFEST, load_adaptive_router
 from connito.training.callbacks import Callback, CallbackError
 from connito.training.grad_masks import resolve_masks
 from connito.training.trainer import run_training
@@ -50,7 +50,7 @@ def overrides(cache) -> list[str]:
         "train.eval_every=0",
         "train.checkpoint_every=0",
         "optim.warmup_steps=2",
-        "plugins=[connito.adapt.des_moe]",
+        "plugins=[connito.adaptation.des_moe]",
         "+callbacks.des_moe.refresh_every=4",
         "+callbacks.des_moe.calibration_rows=8",
     ]

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from connito.adapt.config import SelectConfig
-from connito.adapt.run import run_select
-from connito.adapt.selection import SelectionError, load_analysis, pick_per_layer, select_experts
+from connito.adaptation.config import SelectConfig
+from connito.adaptation.run import run_select
+from connito.adaptation.selection import SelectionError, load_analysis, pick_per_layer, select_experts
 from connito.analysis.summaries import experts_to_reach
 from connito.experts import ExpertAddressError, ExpertMask, ExpertView
 from connito.experts.mask_file import MaskFileError, read_mask_file, write_mask_file

@@ -18,7 +18,7 @@ def test_two_ranks_share_one_map_and_hold_identical_parameters(data_cache, tmp_p
         "train.checkpoint_every=0",
         "engine=zero0",
         "optim.warmup_steps=2",
-        "plugins=[connito.adapt.des_moe]",
+        "plugins=[connito.adaptation.des_moe]",
         "+callbacks.des_moe.refresh_every=3",
         "+callbacks.des_moe.calibration_rows=4",
     ]

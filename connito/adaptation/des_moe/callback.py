@@ -34,13 +34,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from connito.adapt.des_moe.config import DesMoeConfig
-from connito.adapt.des_moe.distill import RouterDistillation, kd_schedule
-from connito.adapt.des_moe.domain_map import ExpertDomainMap
-from connito.adapt.des_moe.export import calibration_captures, fold_into_state_dict, fold_layer, write_sidecar
-from connito.adapt.des_moe.phases import PhasePlan, backbone_names, trainable_set
-from connito.adapt.des_moe.router import AdaptiveRouters
-from connito.adapt.des_moe.token_masks import TokenGradientMasks
+from connito.adaptation.des_moe.config import DesMoeConfig
+from connito.adaptation.des_moe.distill import RouterDistillation, kd_schedule
+from connito.adaptation.des_moe.domain_map import ExpertDomainMap
+from connito.adaptation.des_moe.export import calibration_captures, fold_into_state_dict, fold_layer, write_sidecar
+from connito.adaptation.des_moe.phases import PhasePlan, backbone_names, trainable_set
+from connito.adaptation.des_moe.router import AdaptiveRouters
+from connito.adaptation.des_moe.token_masks import TokenGradientMasks
 from connito.experts import ExpertView
 from connito.routing import RoutingRecord
 from connito.training.callbacks import Callback, CallbackError, MicroBatch, register_callback
@@ -50,14 +50,14 @@ from connito.training.grad_masks import GradientMask, TrainableSet, freeze_untra
 if TYPE_CHECKING:
     from connito.training.trainer import Trainer
 
-log = logging.getLogger("connito.adapt")
+log = logging.getLogger("connito.adaptation")
 
 MAP_FILE = "des_moe_map.json"
 
 
 @register_callback("des_moe")
 class DesMoe(Callback):
-    """Options: the fields of :class:`connito.adapt.des_moe.config.DesMoeConfig`."""
+    """Options: the fields of :class:`connito.adaptation.des_moe.config.DesMoeConfig`."""
 
     def __init__(self, **options):
         self.config = DesMoeConfig(**options)

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-log = logging.getLogger("connito.adapt")
+log = logging.getLogger("connito.adaptation")
 
 OUTCOME_FILE = "adapt.json"
-SCHEMA = "connito.adapt/1"
+SCHEMA = "connito.adaptation/1"
 
 
 def optimizer_state_bytes(engine) -> int:
@@ -127,7 +127,7 @@ def measure_outcome(cfg, base: Path, result, trainable: int) -> dict:
     _, base_loss = domain_losses(base_model, inputs, domain_ids, len(domains))
     tokens, plain_loss = domain_losses(adapted, inputs, domain_ids, len(domains))
     adapted_loss, router = plain_loss, "the family's (plain transformers)"
-    from connito.adapt.des_moe.export import MANIFEST, load_adaptive_router
+    from connito.adaptation.des_moe.export import MANIFEST, load_adaptive_router
 
     if (result.export_dir / MANIFEST).is_file():  # DES-MoE: measure the trained adaptive routers, not their fold
         routers = load_adaptive_router(adapted, result.export_dir)

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from connito.adapt.adapt import check_adapt, run_adapt
+from connito.adaptation.adapt import check_adapt, run_adapt
 from connito.cli.paths import config_dir
 from connito.experts.mask_file import read_mask_file
 from connito.models import ModelError

@@ -4,7 +4,7 @@ The paper trains in three phases (by default at 0.2 and 0.7 of the run): **I** t
 the router and the domains' experts, **III** the domains' experts only. Phase I follows the paper's equation (the
 experts frozen while the adaptive router settles under distillation); its figure caption lists the experts as
 trained in phase I too, so what each phase trains is configuration (``phase_parts``, from ``router``, ``backbone``,
-``experts``: :data:`connito.adapt.des_moe.config.PARTS`), the equation's sets the default.
+``experts``: :data:`connito.adaptation.des_moe.config.PARTS`), the equation's sets the default.
 
 A phase is a :class:`connito.training.grad_masks.TrainableSet`:
 

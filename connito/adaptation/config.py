@@ -10,7 +10,7 @@ from connito.training.config import ConnitoConfig
 @dataclass
 class SelectConfig:
     """Root config of ``connito select``: which analysis, which rule, which domains, where the mask file goes.
-    The rules are in :mod:`connito.adapt.selection`."""
+    The rules are in :mod:`connito.adaptation.selection`."""
 
     analysis_path: str = ""
     """An ``analysis.json`` written by ``connito analyze``, or the directory holding it. Empty: the quickstart's,

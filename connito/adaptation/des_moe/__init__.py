@@ -1,11 +1,11 @@
 """DES-MoE (Li et al., EMNLP 2025, "Dynamic Expert Specialization"): multi-domain adaptation of an MoE model that
 forgets less, as one callback of the one trainer::
 
-    connito train plugins='[connito.adapt.des_moe]' model.path=runs/quickstart/hf +callbacks.des_moe={}
+    connito train plugins='[connito.adaptation.des_moe]' model.path=runs/quickstart/hf +callbacks.des_moe={}
     connito train ... +callbacks.des_moe.tau=0.5 '+callbacks.des_moe.domains=[code,docs]'
 
 (``connito train`` imports this package itself, so ``plugins=`` is needed only where the trainer is called from
-Python: ``run_training(cfg, ...)`` with ``cfg.plugins=['connito.adapt.des_moe']``.) The parts, one module each:
+Python: ``run_training(cfg, ...)`` with ``cfg.plugins=['connito.adaptation.des_moe']``.) The parts, one module each:
 
 * :mod:`.router`: the Adaptive Lightweight Router, the pretrained linear router plus an MLP residual whose output
   layer starts at zero (the paper's "copy the pretrained router into W2" cannot reproduce the pretrained logits;
@@ -32,7 +32,7 @@ take the written map (``<run>/des_moe_map.json``), duplicate experts and router 
 (:meth:`connito.experts.ExpertView.add_router_rows` plus the expert tensors), and train again.
 """
 
-from connito.adapt.des_moe.callback import DesMoe
-from connito.adapt.des_moe.config import DesMoeConfig
+from connito.adaptation.des_moe.callback import DesMoe
+from connito.adaptation.des_moe.config import DesMoeConfig
 
 __all__ = ["DesMoe", "DesMoeConfig"]

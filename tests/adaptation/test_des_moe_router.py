@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from connito.adapt.des_moe.distill import RouterDistillation, kd_schedule, register_kd_schedule, router_kl
-from connito.adapt.des_moe.export import (
+from connito.adaptation.des_moe.distill import RouterDistillation, kd_schedule, register_kd_schedule, router_kl
+from connito.adaptation.des_moe.export import (
     MANIFEST,
     SIDECAR,
     calibration_captures,
@@ -17,7 +17,7 @@ from connito.adapt.des_moe.export import (
     load_adaptive_router,
     write_sidecar,
 )
-from connito.adapt.des_moe.router import ADAPTER, AdaptiveRouters
+from connito.adaptation.des_moe.router import ADAPTER, AdaptiveRouters
 from connito.experts import ExpertView
 from connito.routing import RouterObserver
 from connito.training.callbacks import CallbackError, LossTerm, MicroBatch

@@ -6,12 +6,12 @@ import logging
 import re
 from pathlib import Path
 
-from connito.adapt.config import SelectConfig
-from connito.adapt.selection import analysis_file, load_analysis, parse_expert_list, select_experts
+from connito.adaptation.config import SelectConfig
+from connito.adaptation.selection import analysis_file, load_analysis, parse_expert_list, select_experts
 from connito.experts import ParameterCount
 from connito.experts.mask_file import MaskFile, parameter_count, read_mask_file, write_mask_file
 
-log = logging.getLogger("connito.adapt")
+log = logging.getLogger("connito.adaptation")
 
 DEFAULT_ANALYSIS = "runs/quickstart/analysis"
 

@@ -23,7 +23,7 @@ load-balancing loss and the observers see the adapted routing. The model is the 
 child per router; :meth:`AdaptiveRouters.remove` takes both off.
 
 While ``capture`` is on and autograd records (a training forward), the hook keeps each MoE layer's router input
-and adapted logits for the distillation term (:mod:`connito.adapt.des_moe.distill`), which takes them after the
+and adapted logits for the distillation term (:mod:`connito.adaptation.des_moe.distill`), which takes them after the
 forward. Only transformers blocks (``parallel.ep_size=1``): AutoEP rebuilds its routers from the gate weight alone.
 
 Shape legend: T tokens of the forward (B x S), H hidden size, E routed experts, K experts per token.

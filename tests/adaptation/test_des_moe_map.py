@@ -5,10 +5,10 @@ round trip, and the phase plan's boundaries and trainable sets."""
 import pytest
 import torch
 
-from connito.adapt.des_moe.config import DesMoeConfig
-from connito.adapt.des_moe.domain_map import ExpertDomainMap, serving_experts
-from connito.adapt.des_moe.phases import PhasePlan, backbone_names, trainable_set
-from connito.adapt.des_moe.router import AdaptiveRouters
+from connito.adaptation.des_moe.config import DesMoeConfig
+from connito.adaptation.des_moe.domain_map import ExpertDomainMap, serving_experts
+from connito.adaptation.des_moe.phases import PhasePlan, backbone_names, trainable_set
+from connito.adaptation.des_moe.router import AdaptiveRouters
 from connito.experts import ExpertView
 from connito.training.callbacks import CallbackError
 from tests.experts.conftest import build_tiny

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from connito.adapt.des_moe.router import ADAPTER, AdaptiveRouters
+from connito.adaptation.des_moe.router import ADAPTER, AdaptiveRouters
 from connito.experts import ExpertView
 from connito.routing.edits import routing_rule
 
@@ -135,7 +135,7 @@ def write_sidecar(
         "hidden_mult": routers.hidden_mult,
         "hf_router": "least-squares fold of the adaptive router (exact where its MLP output layer is zero)",
         "folds": [asdict(f) for f in folds],
-        "load": "connito.adapt.des_moe.export.load_adaptive_router(model, export_dir)",
+        "load": "connito.adaptation.des_moe.export.load_adaptive_router(model, export_dir)",
         **extra,
     }
     (export_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))

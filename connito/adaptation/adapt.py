@@ -9,9 +9,9 @@ The method only chooses callbacks of :func:`connito.training.trainer.run_trainin
   state). Without ``esft.mask_file`` rank 0 first analyses the training data on the base model (``connito
   analyze`` on the train split, no driver scan), selects with ESFT's rule (``esft.score``, ``esft.top_p``) and
   writes ``<run>/mask.json``, which a rerun of the same command reuses;
-* ``des_moe``: the ``des_moe`` callback (:mod:`connito.adapt.des_moe`), options as ``+callbacks.des_moe.<k>=v``.
+* ``des_moe``: the ``des_moe`` callback (:mod:`connito.adaptation.des_moe`), options as ``+callbacks.des_moe.<k>=v``.
 
-After training, rank 0 measures the outcome (:mod:`connito.adapt.outcome`): validation loss of base and adapted
+After training, rank 0 measures the outcome (:mod:`connito.adaptation.outcome`): validation loss of base and adapted
 model on every evaluated domain, trainable parameters, optimizer-state bytes, step time, and the delta package of
 everything the run changed; it writes ``<run>/adapt.json`` and prints the row.
 """
@@ -22,10 +22,10 @@ import copy
 import logging
 from pathlib import Path
 
-from connito.adapt.config import METHODS, AdaptConfig
+from connito.adaptation.config import METHODS, AdaptConfig
 from connito.models.families import ModelError
 
-log = logging.getLogger("connito.adapt")
+log = logging.getLogger("connito.adaptation")
 
 MASK_FILE = "mask.json"
 
@@ -89,13 +89,13 @@ def run_adapt(cfg: AdaptConfig, run_dir: Path):
             "modules": list(cfg.esft.modules),
         }
     elif cfg.method == "des_moe":
-        import connito.adapt.des_moe  # noqa: F401  (registers callbacks.des_moe)
+        import connito.adaptation.des_moe  # noqa: F401  (registers callbacks.des_moe)
 
         cfg.callbacks.setdefault("des_moe", {})
     result = run_training(cfg, run_dir)
     result.outcome = None
     if result.finished:
-        from connito.adapt.outcome import measure_outcome, trainable_elements
+        from connito.adaptation.outcome import measure_outcome, trainable_elements
 
         trainable = trainable_elements(result)  # collective under expert parallelism
         if info.is_main:
@@ -107,7 +107,7 @@ def select_for_training(cfg: AdaptConfig, base: Path, run_dir: Path, mask_path: 
     """ESFT's selection on the training data: analyse it on the base model, select, write ``mask_path``."""
     import json
 
-    from connito.adapt.selection import select_experts
+    from connito.adaptation.selection import select_experts
     from connito.analysis.config import AnalyzeConfig
     from connito.analysis.run import run_analysis
     from connito.experts.mask_file import write_mask_file

@@ -30,7 +30,7 @@ class DesMoeConfig:
     """lambda(progress) in ``lambda * L_KD + (1 - lambda) * L_task``, progress = step / train.steps:
     ``linear`` (``max(0, 1 - progress)``, the paper's), ``cosine`` (``(1 + cos(pi * progress)) / 2``),
     ``piecewise`` (linear between ``kd_knots``) or a name registered with
-    :func:`connito.adapt.des_moe.distill.register_kd_schedule`."""
+    :func:`connito.adaptation.des_moe.distill.register_kd_schedule`."""
     kd_knots: list = field(default_factory=list)
     """``kd_schedule=piecewise``: ``[[progress, lambda], ...]`` with increasing progress, e.g. ``[[0,1],[0.5,0]]``
     (flat beyond the first and last knot; ``[[0,0.3],[1,0.3]]`` is a constant 0.3)."""

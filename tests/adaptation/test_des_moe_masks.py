@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from connito.adapt.des_moe.token_masks import TokenGradientMasks
+from connito.adaptation.des_moe.token_masks import TokenGradientMasks
 from connito.experts import ExpertView
 from tests.experts.conftest import build_tiny
 
