@@ -134,6 +134,7 @@ def test_connito_train_writes_the_report_of_its_final_model(data_cache, tmp_path
     assert f"analysis:   {out / 'report.md'}" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_analyze_under_torchrun_equals_one_process(trained, tmp_path, data_cache):
     """2 gloo ranks, each streaming every other row: the same analysis.json as one process (sums in another
