@@ -36,6 +36,7 @@ from connito.analysis.token_loss import (
     nll,
 )
 from connito.experts import ExpertId, ExpertView
+from connito.experts.delta.staging import copy_tokenizer_files
 
 TARGETS = ("drivers", "domain_experts")
 
@@ -140,9 +141,7 @@ def export_reweighted(model: nn.Module, model_path: Path, reweighting: Reweighti
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     folded.save_pretrained(tmp)
-    for source in Path(model_path).iterdir():
-        if source.is_file() and (source.name.startswith("tokenizer") or source.name == "special_tokens_map.json"):
-            shutil.copy2(source, tmp / source.name)
+    copy_tokenizer_files(Path(model_path), tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.replace(out_dir)
     return out_dir

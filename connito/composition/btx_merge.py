@@ -67,9 +67,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 from transformers.initialization import no_init_weights
 
 from connito.experts.autoep_mapping import fuse_experts
-from connito.experts.delta.apply import TOKENIZER_FILES
 from connito.experts.delta.manifest import file_sha256
-from connito.experts.delta.staging import check_out_dir, staged_dir
+from connito.experts.delta.staging import TOKENIZER_FILES, check_out_dir, staged_dir
 from connito.experts.view import ExpertView
 from connito.models.families import ModelError
 from connito.models.fingerprint import checkpoint_fingerprint

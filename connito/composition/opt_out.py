@@ -45,7 +45,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -57,8 +56,7 @@ from transformers.initialization import no_init_weights
 
 from connito.experts import ExpertAddressError, ExpertId, ExpertMask, ExpertView
 from connito.experts.blocks import HFMoEBlock, MoEBlock
-from connito.experts.delta.apply import TOKENIZER_FILES
-from connito.experts.delta.staging import check_out_dir, staged_dir
+from connito.experts.delta.staging import check_out_dir, copy_tokenizer_files, staged_dir
 from connito.models.families import ModelError
 from connito.models.loading import validate_checkpoint_dir
 from connito.routing.edits import RouterEdit, routing_rule
@@ -287,10 +285,7 @@ def save_without_experts(
     kept = kept_experts(view, mask)
     with staged_dir(out) as stage:
         smaller.save_pretrained(stage, safe_serialization=True)
-        for pattern in TOKENIZER_FILES:
-            for file in source.glob(pattern):
-                if file.is_file() and not (stage / file.name).exists():
-                    shutil.copy2(file, stage / file.name)
+        copy_tokenizer_files(source, stage)
         provenance = {
             "source": str(source),
             "removed": mask.to_dict(),

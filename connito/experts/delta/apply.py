@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,22 +20,13 @@ from transformers import AutoModelForCausalLM
 from connito.experts.addressing import ExpertAddressError
 from connito.experts.delta.manifest import SCHEMA, DeltaError, TensorEntry, dtype_name, parse_dtype
 from connito.experts.delta.package import Delta, comparable_config, expert_tensor_names, load_delta
-from connito.experts.delta.staging import check_out_dir, staged_dir
+from connito.experts.delta.staging import check_out_dir, copy_tokenizer_files, staged_dir
 from connito.experts.view import ExpertView
 from connito.models.fingerprint import check_fingerprint, checkpoint_fingerprint
 from connito.models.loading import validate_checkpoint_dir
 
 log = logging.getLogger("connito.experts")
 
-TOKENIZER_FILES = (
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.*",
-    "merges.txt",
-    "chat_template*",
-)
-"""Files of the base copied next to the written checkpoint (what ``tokenizer.save_pretrained`` writes)."""
 PROVENANCE_FILE = "connito_delta.json"
 
 
@@ -156,10 +146,7 @@ def apply_delta(
     write_delta_into(model, delta, cast=target is not None)
     with staged_dir(out) as stage:
         model.save_pretrained(stage, safe_serialization=True)
-        for pattern in TOKENIZER_FILES:
-            for file in base.glob(pattern):
-                if file.is_file() and not (stage / file.name).exists():
-                    shutil.copy2(file, stage / file.name)
+        copy_tokenizer_files(base, stage)
         provenance = {
             "schema": SCHEMA,
             "base": {"path": str(base), "fingerprint": fingerprint},

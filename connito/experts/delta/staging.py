@@ -1,4 +1,5 @@
-"""Write a directory all at once: into a temporary sibling, renamed into place only when complete.
+"""Write a directory all at once: into a temporary sibling, renamed into place only when complete; a checkpoint's
+tokenizer files copied along.
 
 A failure (a bad tensor, a full disk, Ctrl-C) leaves no half-written checkpoint or delta behind, and nothing is
 ever written into the inputs: an output directory equal to, inside, or holding an input is refused up front.
@@ -13,6 +14,24 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from connito.models.families import ModelError
+
+TOKENIZER_FILES = (
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "chat_template*",
+)
+"""A checkpoint's tokenizer files (what ``tokenizer.save_pretrained`` writes)."""
+
+
+def copy_tokenizer_files(source: Path, stage: Path) -> None:
+    """Copy ``source``'s tokenizer files into ``stage`` (a checkpoint being written), keeping any already there."""
+    for pattern in TOKENIZER_FILES:
+        for file in Path(source).glob(pattern):
+            if file.is_file() and not (stage / file.name).exists():
+                shutil.copy2(file, stage / file.name)
 
 
 def _nested(a: Path, b: Path) -> bool:
