@@ -20,10 +20,15 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from connito.adaptation.config import METHODS, AdaptConfig
 from connito.models.families import ModelError
+
+if TYPE_CHECKING:
+    from connito.training.trainer import TrainResult
 
 log = logging.getLogger("connito.adaptation")
 
@@ -61,9 +66,16 @@ def check_adapt(cfg: AdaptConfig) -> Path:
     return base
 
 
-def run_adapt(cfg: AdaptConfig, run_dir: Path):
-    """Adapt as ``cfg`` says in ``run_dir``; returns the trainer's result (``outcome`` set on rank 0 once the run
-    finished)."""
+@dataclass
+class AdaptResult:
+    train: TrainResult
+    """The trainer's result (run directory, steps, model, engine)."""
+    outcome: dict | None
+    """The ``adapt.json`` record: on rank 0 once the run finished, else None."""
+
+
+def run_adapt(cfg: AdaptConfig, run_dir: Path) -> AdaptResult:
+    """Adapt as ``cfg`` says in ``run_dir``."""
     from connito.training.collective import convert_once_on_main
     from connito.training.distributed import init_distributed
     from connito.training.trainer import run_training
@@ -93,14 +105,14 @@ def run_adapt(cfg: AdaptConfig, run_dir: Path):
 
         cfg.callbacks.setdefault("des_moe", {})
     result = run_training(cfg, run_dir)
-    result.outcome = None
+    outcome = None
     if result.finished:
         from connito.adaptation.outcome import measure_outcome, trainable_elements
 
         trainable = trainable_elements(result)  # collective under expert parallelism
         if info.is_main:
-            result.outcome = measure_outcome(cfg, base, result, trainable)
-    return result
+            outcome = measure_outcome(cfg, base, result, trainable)
+    return AdaptResult(result, outcome)
 
 
 def select_for_training(cfg: AdaptConfig, base: Path, run_dir: Path, mask_path: Path) -> None:

@@ -60,15 +60,19 @@ def train_step(
     applies the update: it clips the gradients and returns their global norm, returned as ``grad_norm`` (Connito's
     own clipping where DeepSpeed's is wrong: :mod:`connito.parallel.grad_clip`)."""
     sums: dict[str, float] = {"loss": 0.0}
+    grad_norm = None
     for micro_step in range(sampler.grad_accum):
         batch = micro_batch(split, sampler, step, micro_step, device)
         task_weight = 1.0 if before_forward is None else before_forward(batch)
         loss, lm_loss, values = forward_loss(engine, batch, loss_terms, task_weight)
         engine.backward(loss)
         if clip is not None and micro_step == sampler.grad_accum - 1:
-            sums["grad_norm"] = float(clip()) * sampler.grad_accum  # averaged below like the losses
+            grad_norm = float(clip())
         engine.step()
         sums["loss"] += lm_loss.item()
         for name, value in values.items():
             sums[name] = sums.get(name, 0.0) + value.item()
-    return {name: total / sampler.grad_accum for name, total in sums.items()}
+    means = {name: total / sampler.grad_accum for name, total in sums.items()}
+    if grad_norm is not None:
+        means["grad_norm"] = grad_norm
+    return means
