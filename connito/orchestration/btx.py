@@ -1,0 +1,287 @@
+"""``connito btx``: Branch-Train-MiX (Sukhbaatar et al. 2024) as a pipeline of independent jobs.
+
+Stages (each a set of jobs, each job one ``connito`` command with its own run directory under ``<run>/``):
+
+- ``seed`` (only without ``seed.path``): ``connito train`` of the dense ``seed.model`` on every domain;
+- ``branches``: one ``branch-<domain>`` job per domain, ``connito train`` from the seed on that domain alone;
+- ``merge``: ``connito btx stage=merge``, :func:`connito.composition.btx_merge.merge_branches` into ``merged/``;
+- ``finetune`` (``finetune.enabled``): ``connito train`` of the merged MoE on every domain, the routers alone (or
+  every parameter), top-2 routing, load balancing 0.01 (the paper's);
+- ``report``: ``connito btx stage=report``, held-out loss per domain of the seed, each branch, the merged and the
+  fine-tuned model (``btx_report.md`` / ``.json``).
+
+The merge job checks, before it reads a tensor, that every branch job of the plan is ``done`` (the orchestrator
+would not start it otherwise; a merge started by hand is checked too), so an incomplete set is never merged.
+Everything a result depends on (seed, domains, steps, data, merge options, trainer overrides) is the plan's
+``settings``; a rerun with other settings is refused (:mod:`connito.orchestration.plan`).
+
+**Decisions.** The merged model's router starts random (the paper's choice) or, with ``mix.router_init=
+domain_means``, with row i = the seed's mean FFN input on domain i's training text per layer
+(:func:`connito.composition.hidden_means.mean_ffn_inputs`). Fine-tuning trains the routers alone
+(``finetune.train=router``, experts and everything else frozen by the slice-exact gradient masks) or every
+parameter (``all``). Not built: splitting each FFN into C chunks (N x C experts); the merge keeps whole FFNs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from connito.data.config import DataConfig
+from connito.orchestration.config import LauncherConfig
+from connito.orchestration.jobs import Job, OrchestrationError, Stage, current_status
+from connito.orchestration.overrides import changed_overrides, override_value
+from connito.orchestration.plan import Plan, read_plan
+from connito.training.config import RunConfig
+
+log = logging.getLogger("connito.orchestration")
+
+WEIGHTS = "model.safetensors"
+FINETUNE_TRAINS = ("router", "all")
+
+
+@dataclass
+class SeedConfig:
+    path: str = ""
+    """A dense checkpoint directory (llama, qwen3 or qwen2) to branch from; the seed stage is skipped. Empty:
+    the seed stage trains ``model`` for ``steps`` steps on every domain first."""
+    model: str = "llama_tiny"
+    """Without ``path``: the ``configs/model`` preset of the dense seed (llama_tiny, qwen3_tiny, qwen2_tiny)."""
+    steps: int = 300
+
+
+@dataclass
+class BranchConfig:
+    steps: int = 150
+    """Training steps of each branch, on its domain alone."""
+
+
+@dataclass
+class MixConfig:
+    """The merge (:func:`connito.composition.btx_merge.merge_branches`)."""
+
+    generalist: bool = False
+    """One more expert: the seed's FFN (the paper's generalist)."""
+    shared: str = "average"
+    """Attention, embeddings, norms: ``average`` over the branches (the paper's) or the ``seed``'s."""
+    router_init: str = "random"
+    """``random`` (the paper's) or ``domain_means`` (row i: the seed's mean FFN input on domain i)."""
+    router_tokens: int = 32768
+    """router_init=domain_means: training tokens per domain the means are taken over."""
+    seed: int = 0
+    """Seed of the random router weights."""
+
+
+@dataclass
+class FinetuneConfig:
+    enabled: bool = True
+    steps: int = 100
+    train: str = "router"
+    """``router``: the routers alone; ``all``: every parameter."""
+    aux_loss_coef: float = 0.01
+    """Load-balancing coefficient (the paper's 0.01)."""
+
+
+@dataclass
+class BtxConfig:
+    """Root config of ``connito btx`` (``configs/btx.yaml``)."""
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="btx"))
+    data: DataConfig = field(default_factory=DataConfig)
+    """The text every job trains on and is measured on; each branch gets ``domains=[<its domain>]``."""
+    domains: list[str] = field(default_factory=list)
+    """One branch per domain. Empty: ``data.domains``."""
+    seed: SeedConfig = field(default_factory=SeedConfig)
+    branch: BranchConfig = field(default_factory=BranchConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    train_overrides: list[str] = field(default_factory=list)
+    """More ``connito train`` overrides for every training job (seed, branches, fine-tuning); quote each item on
+    the command line: ``'train_overrides=["train.micro_batch_size=4","engine=zero1"]'``."""
+    eval_tokens: int = 32768
+    """Held-out tokens per domain and model in the report."""
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    rerun: str = "missing"
+    """``missing``: run the jobs that are not done (after a failure: only the failed ones and what follows them);
+    ``all``: discard every job's state and start over."""
+    stage: str = ""
+    """Internal: ``merge`` or ``report`` runs that stage of an existing plan in this process (what the merge and
+    report jobs run). Empty: plan and run the whole pipeline."""
+
+
+def run_root(cfg: BtxConfig) -> Path:
+    return (Path(cfg.run.root) / cfg.run.name).resolve()
+
+
+def branch_domains(cfg: BtxConfig) -> list[str]:
+    domains = list(cfg.domains or cfg.data.domains)
+    if len(domains) < 2:
+        raise ValueError(f"domains={domains}: branch-train-mix needs at least 2 domains, one branch each")
+    if len(set(domains)) != len(domains):
+        raise ValueError(f"domains={domains}: each domain once")
+    return domains
+
+
+def _train_job(name: str, root: Path, overrides: list[str], steps: int, ranks: int, cfg: BtxConfig) -> Job:
+    command = [
+        "train",
+        f"run.root={override_value(str(root))}",
+        f"run.name={name}",
+        f"train.steps={steps}",
+        "analysis=none",
+        "logging.wandb=false",
+        *overrides,
+        *cfg.train_overrides,
+    ]
+    return Job(name, tuple(command), (str(root / name / "hf" / WEIGHTS),), ranks, workdir=str(root / name))
+
+
+def _self_job(name: str, root: Path, stage: str) -> Job:
+    outputs = {"merge": root / "merged" / WEIGHTS, "report": root / "btx_report.json"}
+    command = ["btx", f"run.root={override_value(str(root.parent))}", f"run.name={root.name}", f"stage={stage}"]
+    workdir = str(outputs[stage].parent) if stage == "merge" else ""
+    return Job(name, tuple(command), (str(outputs[stage]),), workdir=workdir)
+
+
+def seed_dir(cfg: BtxConfig, root: Path) -> Path:
+    return Path(cfg.seed.path).expanduser().resolve() if cfg.seed.path else root / "seed" / "hf"
+
+
+def plan_btx(cfg: BtxConfig) -> Plan:
+    """The stages of ``cfg``'s pipeline (see the module docstring)."""
+    if cfg.finetune.train not in FINETUNE_TRAINS:
+        raise ValueError(f"finetune.train={cfg.finetune.train!r}: choose one of {', '.join(FINETUNE_TRAINS)}")
+    if cfg.mix.router_init not in ("random", "domain_means"):
+        raise ValueError(f"mix.router_init={cfg.mix.router_init!r}: choose random or domain_means")
+    if cfg.seed.path and not (Path(cfg.seed.path).expanduser() / "config.json").is_file():
+        raise ValueError(f"seed.path={cfg.seed.path!r} is not a checkpoint directory (no config.json)")
+    root, domains = run_root(cfg), branch_domains(cfg)
+    ranks = cfg.launcher.nproc_per_node if cfg.launcher.kind != "local" else 1
+    data = changed_overrides("data", cfg.data)
+    stages = []
+    if not cfg.seed.path:
+        stages.append(Stage("seed", (_train_job("seed", root, [f"model={cfg.seed.model}", *data],
+                                                cfg.seed.steps, ranks, cfg),)))  # fmt: skip
+    start = [f"model={cfg.seed.model}", f"model.path={override_value(str(seed_dir(cfg, root)))}"]
+    branches = tuple(
+        _train_job(f"branch-{domain}", root, [*start, *changed_overrides("data", cfg.data, domains=[domain])],
+                   cfg.branch.steps, ranks, cfg)
+        for domain in domains
+    )  # fmt: skip
+    stages += [Stage("branches", branches), Stage("merge", (_self_job("merge", root, "merge"),))]
+    if cfg.finetune.enabled:
+        trainable = ["+callbacks.trainable.experts=[]", "+callbacks.trainable.routers=true"]
+        finetune = [
+            f"model.path={override_value(str(root / 'merged'))}",
+            "model.name=btx",
+            f"model.aux_loss_coef={cfg.finetune.aux_loss_coef}",
+            *data,
+            *(trainable if cfg.finetune.train == "router" else []),
+        ]
+        stages.append(Stage("finetune", (_train_job("finetune", root, finetune, cfg.finetune.steps, ranks, cfg),)))
+    stages.append(Stage("report", (_self_job("report", root, "report"),)))
+    settings = {
+        "domains": domains,
+        "seed": asdict(cfg.seed),
+        "branch": asdict(cfg.branch),
+        "mix": asdict(cfg.mix),
+        "finetune": asdict(cfg.finetune),
+        "data": asdict(cfg.data),
+        "train_overrides": list(cfg.train_overrides),
+        "eval_tokens": cfg.eval_tokens,
+    }
+    return Plan("btx", tuple(stages), settings)
+
+
+def _btx_plan(root: Path) -> Plan:
+    plan = read_plan(root)
+    if plan.kind != "btx":
+        raise OrchestrationError(f"{root} holds a {plan.kind} pipeline, not a btx one")
+    return plan
+
+
+def _require_done(root: Path, plan: Plan, stage: str) -> None:
+    stage_jobs = next(s.jobs for s in plan.stages if s.name == stage)
+    statuses = {job.name: current_status(root, job)[0] for job in stage_jobs}
+    missing = [f"{name} ({status})" for name, status in statuses.items() if status != "done"]
+    if missing:
+        raise OrchestrationError(
+            f"not every {stage} job of {root} is done: {', '.join(missing)}. Run `connito btx` with the same "
+            "settings to finish them; nothing was merged"
+        )
+
+
+def run_merge(root: Path) -> Path:
+    """The merge job: every branch done, then merge them into ``<root>/merged``."""
+    import torch
+
+    from connito.composition.btx_merge import merge_branches
+
+    plan = _btx_plan(root)
+    _require_done(root, plan, "branches")
+    settings = plan.settings
+    mix = MixConfig(**settings["mix"])
+    seed = Path(settings["seed"]["path"]).expanduser().resolve() if settings["seed"]["path"] else root / "seed" / "hf"
+    branches = [root / f"branch-{domain}" / "hf" for domain in settings["domains"]]
+    router_init: str | torch.Tensor = mix.router_init
+    if mix.router_init == "domain_means":
+        router_init = domain_mean_rows(seed, DataConfig(**settings["data"]), settings["domains"], mix)
+    return merge_branches(
+        seed, branches, root / "merged", generalist=mix.generalist, shared=mix.shared, router_init=router_init,
+        seed=mix.seed, overwrite=True,
+    )  # fmt: skip
+
+
+def domain_mean_rows(seed: Path, data: DataConfig, domains: list[str], mix: MixConfig):
+    """[L, E, H]: per layer, row i = the seed's mean FFN input over domain i's training text (the generalist's row,
+    when there is one, the mean over all domains)."""
+    import torch
+
+    from connito.analysis.held_out import held_out_batches, load_checkpoint
+    from connito.composition.hidden_means import mean_ffn_inputs
+
+    model = load_checkpoint(seed)
+    rows = []
+    for domain in domains:
+        batches = held_out_batches(data, seed, domains=[domain], eval_tokens=mix.router_tokens, split="train")
+        rows.append(mean_ffn_inputs(model, batches.inputs))
+    if mix.generalist:
+        rows.append(torch.stack(rows).mean(0))
+    return torch.stack(rows, dim=1)
+
+
+def run_report(root: Path) -> dict:
+    """The report job: held-out loss per domain of the seed, each branch, the merged and the fine-tuned model;
+    writes ``btx_report.json`` and ``btx_report.md``."""
+    from connito.analysis.held_out import checkpoint_losses, held_out_batches, losses_table
+
+    plan = _btx_plan(root)
+    settings = plan.settings
+    _require_done(root, plan, "merge")
+    seed = Path(settings["seed"]["path"]).expanduser().resolve() if settings["seed"]["path"] else root / "seed" / "hf"
+    models = {"seed": seed}
+    models.update({f"branch {d}": root / f"branch-{d}" / "hf" for d in settings["domains"]})
+    models["merged"] = root / "merged"
+    if settings["finetune"]["enabled"]:
+        models[f"merged + {settings['finetune']['train']} fine-tuning"] = root / "finetune" / "hf"
+    held_out = held_out_batches(DataConfig(**settings["data"]), seed, domains=settings["domains"],
+                                eval_tokens=settings["eval_tokens"] * len(settings["domains"]))  # fmt: skip
+    rows = {}
+    for name, path in models.items():
+        rows[name] = checkpoint_losses(path, held_out)
+        log.info("%s: %s", name, ", ".join(f"{k} {v:.3f}" for k, v in rows[name].items()))
+    columns = [*held_out.domains, "all"]
+    table = losses_table(rows, columns)
+    record = {
+        "schema": "connito.btx_report/1",
+        "domains": held_out.domains,
+        "models": {k: str(v) for k, v in models.items()},
+        "validation_loss": rows,
+        "settings": settings,
+    }
+    (root / "btx_report.json").write_text(json.dumps(record, indent=1))
+    (root / "btx_report.md").write_text(f"# BTX: held-out loss per domain (nats)\n\n{table}\n")
+    print(table)
+    return record

@@ -1,0 +1,145 @@
+"""``connito btx``: the plan it makes, the merge's refusal of an incomplete set, and (slow) whole pipelines: a branch
+killed mid-training is rerun alone and the merge then equals an uninterrupted run's bit for bit; the same pipeline
+as SLURM job arrays through a real ``sbatch``."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from connito.orchestration import OrchestrationError, read_plan
+from connito.orchestration.btx import BtxConfig, plan_btx, run_merge
+from connito.orchestration.jobs import read_state
+from connito.orchestration.plan import write_plan
+from tests.helpers import clean_env
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def config(tmp_path, **changes) -> BtxConfig:
+    cfg = BtxConfig()
+    cfg.run.root, cfg.run.name = str(tmp_path), "btx"
+    cfg.domains = ["code", "docs"]
+    for key, value in changes.items():
+        target = cfg
+        *path, last = key.split(".")
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, last, value)
+    return cfg
+
+
+def test_the_plan_trains_a_seed_one_branch_per_domain_then_merges_fine_tunes_and_reports(tmp_path):
+    plan = plan_btx(config(tmp_path))
+    assert [s.name for s in plan.stages] == ["seed", "branches", "merge", "finetune", "report"]
+    assert [j.name for j in plan.stages[1].jobs] == ["branch-code", "branch-docs"]
+    code = plan.job("branch-code").command
+    assert code[0] == "train" and "data.domains=['code']" in code and "train.steps=150" in code
+    assert f"model.path='{tmp_path / 'btx' / 'seed' / 'hf'}'" in code
+    finetune = plan.job("finetune").command
+    assert "+callbacks.trainable.routers=true" in finetune and "model.aux_loss_coef=0.01" in finetune
+    assert plan.job("merge").command[:1] == ("btx",) and "stage=merge" in plan.job("merge").command
+    assert plan.job("branch-code").outputs == (str(tmp_path / "btx" / "branch-code" / "hf" / "model.safetensors"),)
+
+
+def test_plan_options(tmp_path):
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    (seed / "config.json").write_text("{}")
+    cfg = config(tmp_path, **{"seed.path": str(seed), "finetune.train": "all", "launcher.kind": "torchrun",
+                              "launcher.nproc_per_node": 2, "train_overrides": ["optim.lr=0.001"]})  # fmt: skip
+    plan = plan_btx(cfg)
+    assert [s.name for s in plan.stages] == ["branches", "merge", "finetune", "report"]
+    assert {j.ranks for j in plan.stages[0].jobs} == {2} and plan.job("merge").ranks == 1
+    assert "+callbacks.trainable.routers=true" not in plan.job("finetune").command
+    assert plan.job("branch-docs").command[-1] == "optim.lr=0.001"
+    with pytest.raises(ValueError, match="finetune.train='experts'"):
+        plan_btx(config(tmp_path, **{"finetune.train": "experts"}))
+    with pytest.raises(ValueError, match="at least 2 domains"):
+        plan_btx(config(tmp_path, domains=["code"]))
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
+        plan_btx(config(tmp_path, **{"seed.path": str(tmp_path / "nowhere")}))
+
+
+def test_the_merge_refuses_an_incomplete_set_of_branches(tmp_path):
+    cfg = config(tmp_path)
+    root = tmp_path / "btx"
+    write_plan(root, plan_btx(cfg))
+    with pytest.raises(OrchestrationError, match=r"not every branches job .* branch-code \(pending\), branch-docs"):
+        run_merge(root)
+
+
+def small(tmp_path: Path, data_cache: Path, name: str, *extra: str) -> list[str]:
+    train = ["train.micro_batch_size=4", "train.log_every=1", "train.eval_every=0", "train.eval_batches=1",
+             "logging.progress=false"]  # fmt: skip
+    return [
+        "btx", f"run.root={tmp_path}", f"run.name={name}", f"data.cache_dir={data_cache}",
+        "data.max_chars_per_domain=120000", "data.vocab_size=512", "data.seq_len=64", "domains=[code,docs]",
+        "seed.steps=4", "branch.steps=6", "finetune.enabled=false", "eval_tokens=512",
+        "train_overrides=[" + ",".join(f"'{o}'" for o in train) + "]", *extra,
+    ]  # fmt: skip
+
+
+def btx(args: list[str], cwd: Path, timeout=900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "connito", *args], cwd=cwd, env=clean_env(), capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def weights(path: Path) -> dict:
+    return load_file(path / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_a_killed_branch_is_rerun_alone_and_the_merge_equals_an_uninterrupted_runs(tmp_path, data_cache):
+    whole = btx(small(tmp_path, data_cache, "whole"), tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    root = tmp_path / "killed"
+    seed = f"seed.path={tmp_path / 'whole' / 'seed' / 'hf'}"
+    args = small(tmp_path, data_cache, "killed", seed,
+                 "train_overrides=['train.micro_batch_size=4','train.eval_every=0','train.eval_batches=1',"
+                 "'logging.progress=false','train.checkpoint_every=2','train.log_every=1']")  # fmt: skip
+    first = subprocess.Popen([sys.executable, "-m", "connito", *args], cwd=tmp_path, env=clean_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    checkpoint = root / "branch-code" / "checkpoints" / "step_000002" / "COMPLETE"
+    deadline = time.monotonic() + 600
+    while not checkpoint.exists() and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    assert checkpoint.exists(), first.communicate()[0][-3000:]
+    os.killpg(os.getpgid(read_state(root, "branch-code").pid), signal.SIGKILL)  # the branch job, not the orchestrator
+    out, _ = first.communicate(timeout=600)
+    assert first.returncode == 1
+    assert "branch-code: lost" in out and "nothing was merged" in out, out[-3000:]
+    assert not (root / "merged").exists()
+    assert read_state(root, "branch-docs").status == "done"  # the stage's other job still ran to its end
+    again = btx(args, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert read_state(root, "branch-code").attempt == 2 and read_state(root, "branch-docs").attempt == 1
+    assert "resumed from" in (root / "logs" / "branch-code.log").read_text()
+    merged, reference = weights(root / "merged"), weights(tmp_path / "whole" / "merged")
+    assert merged.keys() == reference.keys()
+    assert all(merged[k].equal(reference[k]) for k in reference)
+    report = json.loads((root / "btx_report.json").read_text())
+    assert set(report["validation_loss"]) == {"seed", "branch code", "branch docs", "merged"}
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_btx_as_slurm_arrays_through_sbatch(tmp_path, data_cache, slurm_cluster):
+    run = btx(small(tmp_path, data_cache, "slurm", "launcher.kind=slurm", "launcher.poll_seconds=1"), tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    root = tmp_path / "slurm"
+    plan = read_plan(root)
+    states = {job.name: read_state(root, job.name) for job in plan.jobs()}
+    assert {s.status for s in states.values()} == {"done"}
+    assert all(s.slurm_job for s in states.values())
+    arrays = {name: s.slurm_job.split("_")[0] for name, s in states.items()}
+    assert arrays["branch-code"] == arrays["branch-docs"] != arrays["merge"] != arrays["seed"]
+    script = (root / "slurm" / "branches.sbatch").read_text()
+    assert "#SBATCH --array=0-1" in script
+    assert (root / "btx_report.md").is_file() and (root / "merged" / "model.safetensors").is_file()
