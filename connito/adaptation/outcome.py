@@ -20,7 +20,6 @@ Measured on rank 0 once training finished:
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from pathlib import Path
@@ -80,25 +79,17 @@ def step_seconds(run_dir: Path, tokens_per_step: int) -> float | None:
 
 def eval_batches(cfg, base: Path):
     """The held-out rows both models are measured on: (domains, inputs, domain ids)."""
-    from connito.data import prepare_data
+    from connito.analysis.held_out import held_out_batches
     from connito.data.config import DEFAULT_DOMAINS
-    from connito.training.batches import PackedSplit
 
-    data = copy.deepcopy(cfg.data)
-    if data.source == "recipe":
-        data.domains = list(cfg.outcome.eval_domains or DEFAULT_DOMAINS)
-    data.tokenizer_path = data.tokenizer_path or str(base)
-    prepared = prepare_data(data, progress=False)
-    split = PackedSplit.from_dataset(prepared.load_split("validation"))
-    seq_len = split.input_ids_NT.shape[1]
-    count = min(len(split), max(1, -(-cfg.outcome.eval_tokens // seq_len)))
-    rows = torch.linspace(0, len(split) - 1, count).round().long().unique().tolist()
-    batches = [rows[i : i + cfg.train.micro_batch_size] for i in range(0, len(rows), cfg.train.micro_batch_size)]
-    return (
-        list(prepared.domains),
-        [split.input_ids_NT[index] for index in batches],
-        [split.domain_ids_NT[index] for index in batches],
+    held_out = held_out_batches(
+        cfg.data,
+        base,
+        domains=list(cfg.outcome.eval_domains or DEFAULT_DOMAINS),
+        eval_tokens=cfg.outcome.eval_tokens,
+        micro_batch_size=cfg.train.micro_batch_size,
     )
+    return held_out.domains, held_out.inputs, held_out.domain_ids
 
 
 def method_label(cfg) -> str:

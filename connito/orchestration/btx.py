@@ -31,14 +31,14 @@ from pathlib import Path
 
 from connito.data.config import DataConfig
 from connito.orchestration.config import LauncherConfig
-from connito.orchestration.jobs import Job, OrchestrationError, Stage, current_status
+from connito.orchestration.jobs import Stage
 from connito.orchestration.overrides import changed_overrides, override_value
-from connito.orchestration.plan import Plan, read_plan
+from connito.orchestration.plan import Plan
+from connito.orchestration.recipe import WEIGHTS, job_ranks, planned, require_done, run_root, stage_job, train_job
 from connito.training.config import RunConfig
 
 log = logging.getLogger("connito.orchestration")
 
-WEIGHTS = "model.safetensors"
 FINETUNE_TRAINS = ("router", "all")
 
 
@@ -111,10 +111,6 @@ class BtxConfig:
     report jobs run). Empty: plan and run the whole pipeline."""
 
 
-def run_root(cfg: BtxConfig) -> Path:
-    return (Path(cfg.run.root) / cfg.run.name).resolve()
-
-
 def branch_domains(cfg: BtxConfig) -> list[str]:
     domains = list(cfg.domains or cfg.data.domains)
     if len(domains) < 2:
@@ -122,27 +118,6 @@ def branch_domains(cfg: BtxConfig) -> list[str]:
     if len(set(domains)) != len(domains):
         raise ValueError(f"domains={domains}: each domain once")
     return domains
-
-
-def _train_job(name: str, root: Path, overrides: list[str], steps: int, ranks: int, cfg: BtxConfig) -> Job:
-    command = [
-        "train",
-        f"run.root={override_value(str(root))}",
-        f"run.name={name}",
-        f"train.steps={steps}",
-        "analysis=none",
-        "logging.wandb=false",
-        *overrides,
-        *cfg.train_overrides,
-    ]
-    return Job(name, tuple(command), (str(root / name / "hf" / WEIGHTS),), ranks, workdir=str(root / name))
-
-
-def _self_job(name: str, root: Path, stage: str) -> Job:
-    outputs = {"merge": root / "merged" / WEIGHTS, "report": root / "btx_report.json"}
-    command = ["btx", f"run.root={override_value(str(root.parent))}", f"run.name={root.name}", f"stage={stage}"]
-    workdir = str(outputs[stage].parent) if stage == "merge" else ""
-    return Job(name, tuple(command), (str(outputs[stage]),), workdir=workdir)
 
 
 def seed_dir(cfg: BtxConfig, root: Path) -> Path:
@@ -157,20 +132,21 @@ def plan_btx(cfg: BtxConfig) -> Plan:
         raise ValueError(f"mix.router_init={cfg.mix.router_init!r}: choose random or domain_means")
     if cfg.seed.path and not (Path(cfg.seed.path).expanduser() / "config.json").is_file():
         raise ValueError(f"seed.path={cfg.seed.path!r} is not a checkpoint directory (no config.json)")
-    root, domains = run_root(cfg), branch_domains(cfg)
-    ranks = cfg.launcher.nproc_per_node if cfg.launcher.kind != "local" else 1
+    root, domains = run_root(cfg.run), branch_domains(cfg)
+    ranks = job_ranks(cfg.launcher)
     data = changed_overrides("data", cfg.data)
     stages = []
     if not cfg.seed.path:
-        stages.append(Stage("seed", (_train_job("seed", root, [f"model={cfg.seed.model}", *data],
-                                                cfg.seed.steps, ranks, cfg),)))  # fmt: skip
+        seed = train_job("seed", root, [f"model={cfg.seed.model}", *data], cfg.seed.steps, ranks, cfg.train_overrides)
+        stages.append(Stage("seed", (seed,)))
     start = [f"model={cfg.seed.model}", f"model.path={override_value(str(seed_dir(cfg, root)))}"]
     branches = tuple(
-        _train_job(f"branch-{domain}", root, [*start, *changed_overrides("data", cfg.data, domains=[domain])],
-                   cfg.branch.steps, ranks, cfg)
+        train_job(f"branch-{domain}", root, [*start, *changed_overrides("data", cfg.data, domains=[domain])],
+                  cfg.branch.steps, ranks, cfg.train_overrides)
         for domain in domains
     )  # fmt: skip
-    stages += [Stage("branches", branches), Stage("merge", (_self_job("merge", root, "merge"),))]
+    merge = stage_job("btx", "merge", root, "merge", root / "merged" / WEIGHTS, workdir=str(root / "merged"))
+    stages += [Stage("branches", branches), Stage("merge", (merge,))]
     if cfg.finetune.enabled:
         trainable = ["+callbacks.trainable.experts=[]", "+callbacks.trainable.routers=true"]
         finetune = [
@@ -180,8 +156,9 @@ def plan_btx(cfg: BtxConfig) -> Plan:
             *data,
             *(trainable if cfg.finetune.train == "router" else []),
         ]
-        stages.append(Stage("finetune", (_train_job("finetune", root, finetune, cfg.finetune.steps, ranks, cfg),)))
-    stages.append(Stage("report", (_self_job("report", root, "report"),)))
+        finetune_job = train_job("finetune", root, finetune, cfg.finetune.steps, ranks, cfg.train_overrides)
+        stages.append(Stage("finetune", (finetune_job,)))
+    stages.append(Stage("report", (stage_job("btx", "report", root, "report", root / "btx_report.json"),)))
     settings = {
         "domains": domains,
         "seed": asdict(cfg.seed),
@@ -195,32 +172,14 @@ def plan_btx(cfg: BtxConfig) -> Plan:
     return Plan("btx", tuple(stages), settings)
 
 
-def _btx_plan(root: Path) -> Plan:
-    plan = read_plan(root)
-    if plan.kind != "btx":
-        raise OrchestrationError(f"{root} holds a {plan.kind} pipeline, not a btx one")
-    return plan
-
-
-def _require_done(root: Path, plan: Plan, stage: str) -> None:
-    stage_jobs = next(s.jobs for s in plan.stages if s.name == stage)
-    statuses = {job.name: current_status(root, job)[0] for job in stage_jobs}
-    missing = [f"{name} ({status})" for name, status in statuses.items() if status != "done"]
-    if missing:
-        raise OrchestrationError(
-            f"not every {stage} job of {root} is done: {', '.join(missing)}. Run `connito btx` with the same "
-            "settings to finish them; nothing was merged"
-        )
-
-
 def run_merge(root: Path) -> Path:
     """The merge job: every branch done, then merge them into ``<root>/merged``."""
     import torch
 
     from connito.composition.btx_merge import merge_branches
 
-    plan = _btx_plan(root)
-    _require_done(root, plan, "branches")
+    plan = planned(root, "btx")
+    require_done(root, plan, "branches")
     settings = plan.settings
     mix = MixConfig(**settings["mix"])
     seed = Path(settings["seed"]["path"]).expanduser().resolve() if settings["seed"]["path"] else root / "seed" / "hf"
@@ -257,9 +216,9 @@ def run_report(root: Path) -> dict:
     writes ``btx_report.json`` and ``btx_report.md``."""
     from connito.analysis.held_out import checkpoint_losses, held_out_batches, losses_table
 
-    plan = _btx_plan(root)
+    plan = planned(root, "btx")
     settings = plan.settings
-    _require_done(root, plan, "merge")
+    require_done(root, plan, "merge", "no report was written")
     seed = Path(settings["seed"]["path"]).expanduser().resolve() if settings["seed"]["path"] else root / "seed" / "hf"
     models = {"seed": seed}
     models.update({f"branch {d}": root / f"branch-{d}" / "hf" for d in settings["domains"]})

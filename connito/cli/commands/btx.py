@@ -11,9 +11,10 @@ from connito.orchestration.btx import BtxConfig
 def run(cfg: BtxConfig, run_dir: Path) -> None:
     # here, not at the top: `connito --help` stays fast
     from connito.orchestration import OrchestrationError, run_pipeline, status_table
-    from connito.orchestration.btx import plan_btx, run_merge, run_report, run_root
+    from connito.orchestration.btx import plan_btx, run_merge, run_report
+    from connito.orchestration.recipe import run_root
 
-    root = run_root(cfg)
+    root = run_root(cfg.run)
     try:
         if cfg.stage == "merge":
             print(f"merged:     {run_merge(root)}")

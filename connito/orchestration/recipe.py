@@ -1,0 +1,72 @@
+"""What every composition pipeline (``connito btx``, ``connito flexolmo``, ``connito groups``) builds its plan
+from: training jobs that are ``connito train`` command lines, jobs that rerun the composition command itself for
+one in-process stage (a merge, a report), and the check that a stage's inputs are all done before it reads them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from connito.orchestration.config import LauncherConfig
+from connito.orchestration.jobs import Job, OrchestrationError, current_status
+from connito.orchestration.overrides import override_value
+from connito.orchestration.plan import Plan, read_plan
+from connito.training.config import RunConfig
+
+WEIGHTS = "model.safetensors"
+
+
+def run_root(run: RunConfig) -> Path:
+    """The pipeline's directory: ``<run.root>/<run.name>``, absolute (jobs may run elsewhere)."""
+    return (Path(run.root) / run.name).resolve()
+
+
+def job_ranks(launcher: LauncherConfig) -> int:
+    """Processes per training job: ``nproc_per_node`` under torchrun and SLURM, 1 as local processes."""
+    return launcher.nproc_per_node if launcher.kind != "local" else 1
+
+
+def train_job(
+    name: str, root: Path, overrides: list[str], steps: int, ranks: int, train_overrides: list[str],
+    command: str = "train",
+) -> Job:  # fmt: skip
+    """A ``connito train`` (or ``adapt``) job whose run directory is ``<root>/<name>`` and whose output is its HF
+    export; ``train_overrides`` (the user's) come last so they win."""
+    argv = [
+        command,
+        f"run.root={override_value(str(root))}",
+        f"run.name={name}",
+        f"train.steps={steps}",
+        *(["analysis=none"] if command == "train" else []),
+        "logging.wandb=false",
+        *overrides,
+        *train_overrides,
+    ]
+    return Job(name, tuple(argv), (str(root / name / "hf" / WEIGHTS),), ranks, workdir=str(root / name))
+
+
+def stage_job(kind: str, name: str, root: Path, stage: str, output: Path, *extra: str, workdir: str = "") -> Job:
+    """A job that runs ``connito <kind> stage=<stage>`` on the pipeline in ``root`` (its settings come from the
+    plan there, not from the command line)."""
+    command = [kind, f"run.root={override_value(str(root.parent))}", f"run.name={root.name}", f"stage={stage}", *extra]
+    return Job(name, tuple(command), (str(output),), workdir=workdir)
+
+
+def planned(root: Path, kind: str) -> Plan:
+    """The plan in ``root``, which must be a ``kind`` pipeline."""
+    plan = read_plan(root)
+    if plan.kind != kind:
+        raise OrchestrationError(f"{root} holds a {plan.kind} pipeline, not a {kind} one")
+    return plan
+
+
+def require_done(root: Path, plan: Plan, stage: str, what: str = "nothing was merged") -> None:
+    """Refuse to go on unless every job of ``stage`` is done (a stage run by hand is checked too)."""
+    stage_jobs = next(s.jobs for s in plan.stages if s.name == stage)
+    statuses = {job.name: current_status(root, job)[0] for job in stage_jobs}
+    missing = [f"{name} ({status})" for name, status in statuses.items() if status != "done"]
+    if missing:
+        raise OrchestrationError(
+            f"not every {stage} job of {root} is done: {', '.join(missing)}. Run `connito {plan.kind}` with the "
+            f"same settings to finish them; {what}"
+        )
