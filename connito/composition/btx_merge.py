@@ -44,7 +44,9 @@ differs from the seed's by sha256 or that the seed lacks (files a branch lacks a
 not bias-free SwiGLU, ``generalist=True`` into qwen2_moe (the seed's FFN is already its shared expert), a router
 tensor of another shape. Branches with identical weights are merged with a warning. The checkpoint is written to a
 temporary directory and renamed into place, with the seed's tokenizer files and generation config, and
-``connito_btx.json`` (seed and branch paths and fingerprints, the options, what each expert is).
+``connito_btx.json`` (seed and branch paths and fingerprints, the options, what each expert is). Reading the seed,
+the family checks, the MoE config and the staged writing are :mod:`connito.composition.dense_to_moe`, shared with
+FlexOLMo's owner checkpoints (:mod:`connito.composition.flexolmo`).
 
 Shape legend: N branches, E experts per layer (N, or N + 1 with the generalist), L decoder layers, H hidden size,
 I dense FFN width.
@@ -52,70 +54,39 @@ I dense FFN width.
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
-from transformers.initialization import no_init_weights
+from transformers import PreTrainedModel
 
+from connito.composition.dense_to_moe import (
+    FAMILY_OF_SEED,
+    FFN_PARAM,
+    IGNORED_CONFIG_KEYS,
+    ROUTER_AUX_LOSS_COEF,
+    DenseCheckpoint,
+    build_moe,
+    check_seed,
+    given_router_rows,
+    target_config,
+    write_checkpoint,
+)
 from connito.experts.autoep_mapping import fuse_experts
 from connito.experts.delta.manifest import file_sha256
-from connito.experts.delta.staging import TOKENIZER_FILES, check_out_dir, staged_dir
+from connito.experts.delta.staging import check_out_dir
 from connito.experts.view import ExpertView
 from connito.models.families import ModelError
 from connito.models.fingerprint import checkpoint_fingerprint
-from connito.models.loading import validate_checkpoint_dir
 
 log = logging.getLogger("connito.composition")
 
 SCHEMA = "connito.btx/1"
 PROVENANCE_FILE = "connito_btx.json"
-FAMILY_OF_SEED = {"llama": "mixtral", "qwen3": "qwen3_moe", "qwen2": "qwen2_moe"}
-ATTENTION = {"llama": "no biases, no q/k norms", "qwen3": "q/k RMSNorms on the head dim", "qwen2": "q/k/v biases"}
-SEED_OFF_KEYS = {"llama": ("attention_bias", "mlp_bias"), "qwen3": (), "qwen2": ()}
-"""Seed config keys the target family has no place for: they must be false (off)."""
 TOP_K = 2
-ROUTER_AUX_LOSS_COEF = 0.01
-IGNORED_CONFIG_KEYS = frozenset(
-    {
-        "_name_or_path",
-        "architectures",
-        "transformers_version",
-        "dtype",
-        "torch_dtype",
-        "use_cache",
-        "output_attentions",
-        "output_hidden_states",
-        "return_dict",
-        "id2label",
-        "label2id",
-        "problem_type",
-        "chunk_size_feed_forward",
-        "bos_token_id",
-        "eos_token_id",
-        "pad_token_id",
-        "initializer_range",
-        "attention_dropout",
-    }
-)
-"""Config keys branches may differ in from the seed: bookkeeping, token ids (the tokenizer files are compared
-instead) and training-only settings; the merged model takes the seed's."""
-NOT_CARRIED = frozenset(
-    {"model_type", "architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype"}
-)
-MUST_CARRY = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
-MUST_CARRY += ("tie_word_embeddings", "rms_norm_eps", "hidden_act", "max_position_embeddings", "rope_parameters")
-FFN_PARAM = re.compile(r"^model\.layers\.(\d+)\.mlp\.(.+)$")
-FFN_PROJS = ("gate_proj", "up_proj", "down_proj")
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class BTXError(ModelError):
@@ -162,52 +133,6 @@ def branch_mean(tensors: Iterable[torch.Tensor], count: int, dtype: torch.dtype)
     return (total / count).to(dtype)
 
 
-class DenseCheckpoint:
-    """A dense ``save_pretrained`` checkpoint read tensor by tensor (one or several safetensors files)."""
-
-    def __init__(self, path: Path, what: str):
-        self.path, self.what = path, what
-        self.config = validate_checkpoint_dir(path)
-        index = path / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted({path / name for name in json.loads(index.read_text())["weight_map"].values()})
-        else:
-            files = [path / "model.safetensors"]
-        self._handles, self.files, self.headers = {}, {}, {}
-        for file in files:
-            handle = self._open(file)
-            for name in handle.keys():
-                piece = handle.get_slice(name)
-                self.files[name] = file
-                self.headers[name] = (piece.get_dtype(), tuple(piece.get_shape()))
-
-    def __str__(self) -> str:
-        return f"{self.what} ('{self.path}')"
-
-    def _open(self, file: Path):
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(str(file), framework="pt")
-            except (SafetensorError, OSError) as err:
-                raise BTXError(f"{self}: cannot read {file.name} ({err}). Re-save it with save_pretrained") from None
-        return self._handles[file]
-
-    def tensor(self, name: str) -> torch.Tensor:
-        return self._open(self.files[name]).get_tensor(name)
-
-    def ffn(self, layer: int) -> dict[str, torch.Tensor]:
-        return {proj: self.tensor(f"model.layers.{layer}.mlp.{proj}.weight") for proj in FFN_PROJS}
-
-    def dtype(self) -> torch.dtype:
-        dtypes = sorted({dtype for dtype, _ in self.headers.values()})
-        if len(dtypes) != 1 or dtypes[0] not in SAFETENSORS_DTYPES:
-            raise BTXError(f"{self} holds tensors of dtypes {dtypes}; BTX merges checkpoints of one float dtype")
-        return SAFETENSORS_DTYPES[dtypes[0]]
-
-    def tokenizer_files(self) -> dict[str, Path]:
-        return {f.name: f for pattern in TOKENIZER_FILES for f in sorted(self.path.glob(pattern)) if f.is_file()}
-
-
 def _check_inputs(seed: DenseCheckpoint, branch: DenseCheckpoint) -> None:
     """``branch`` has the seed's model_type, config (up to :data:`IGNORED_CONFIG_KEYS`), tensors and tokenizer."""
     fix = "BTX branches are trained from the seed and keep its architecture and tokenizer"
@@ -241,104 +166,13 @@ def _check_inputs(seed: DenseCheckpoint, branch: DenseCheckpoint) -> None:
             raise BTXError(f"{branch}: tokenizer file '{name}' differs from the seed's (sha256). {fix}")
 
 
-def _check_seed(seed: DenseCheckpoint, family: str | None) -> str:
-    """The target family for this seed, or :class:`BTXError` when it cannot hold the seed exactly."""
-    config, seed_type = seed.config, seed.config["model_type"]
-    natural = FAMILY_OF_SEED.get(seed_type)
-    if natural is None:
-        raise BTXError(
-            f"{seed} is a {seed_type} model; BTX merges dense {', '.join(FAMILY_OF_SEED)} checkpoints "
-            f"(into {', '.join(f'{k}->{v}' for k, v in FAMILY_OF_SEED.items())})"
-        )
-    family = family or natural
-    if family not in FAMILY_OF_SEED.values():
-        raise BTXError(f"family='{family}' is not one BTX writes: {', '.join(FAMILY_OF_SEED.values())}")
-    if family != natural:
-        other = next(k for k, v in FAMILY_OF_SEED.items() if v == family)
-        raise BTXError(
-            f"family='{family}' cannot hold a {seed_type} seed's attention exactly ({seed_type}: "
-            f"{ATTENTION[seed_type]}; {family}: {ATTENTION[other]}). Merge {seed_type} branches into "
-            f"family='{natural}'"
-        )
-    for key in SEED_OFF_KEYS[seed_type]:
-        if config.get(key):
-            raise BTXError(f"{seed} has {key}={config[key]!r}; {family} has no place for it (it must be false)")
-    if config.get("use_sliding_window") or any(t != "full_attention" for t in config.get("layer_types") or []):
-        raise BTXError(f"{seed} has sliding-window attention layers; BTX merges full-attention seeds only")
-    layers = int(config["num_hidden_layers"])
-    expected = [f"model.layers.{layer}.mlp.{proj}.weight" for layer in range(layers) for proj in FFN_PROJS]
-    missing = [name for name in expected if name not in seed.headers]
-    if missing:
-        raise BTXError(f"{seed} has no FFN tensor '{missing[0]}': not a dense {seed_type} checkpoint")
-    for name in seed.headers:
-        match = FFN_PARAM.match(name)
-        if match and (int(match[1]) >= layers or match[2] not in {f"{p}.weight" for p in FFN_PROJS}):
-            raise BTXError(
-                f"{seed}: FFN tensor '{name}' has no place in a {family} expert (bias-free SwiGLU gate/up/down_proj)"
-            )
-    return family
-
-
 def _router_rows(router_init: str | torch.Tensor, seed: int, shape_LEH: tuple[int, int, int], std: float):
     """[L, E, H] router weights: drawn from normal(0, std) with a generator seeded by ``seed``, or the given
     [E, H] (every layer) / [L, E, H] tensor."""
-    layers, experts, hidden = shape_LEH
     if not isinstance(router_init, torch.Tensor):
         generator = torch.Generator().manual_seed(seed)
         return torch.empty(shape_LEH).normal_(0.0, std, generator=generator)
-    rows = router_init.detach().cpu()
-    if tuple(rows.shape) not in ((experts, hidden), shape_LEH) or not rows.is_floating_point():
-        raise BTXError(
-            f"router_init is a {rows.dtype} tensor of shape {list(rows.shape)}; expected float [E, H] = "
-            f"[{experts}, {hidden}] (every layer) or [L, E, H] = {list(shape_LEH)}, rows in expert order "
-            "(branches, then the generalist)"
-        )
-    if not torch.isfinite(rows).all():
-        raise BTXError("router_init holds non-finite values")
-    return rows.expand(shape_LEH) if rows.dim() == 2 else rows
-
-
-def target_config(seed_config: dict, family: str, num_experts: int) -> PretrainedConfig:
-    """The MoE config: the seed's attention, norm, RoPE and vocabulary keys, E experts of the dense FFN width."""
-    defaults = AutoConfig.for_model(family).to_dict()
-    carried = {k: v for k, v in seed_config.items() if k in defaults and k not in NOT_CARRIED}
-    carried["head_dim"] = (
-        seed_config.get("head_dim") or seed_config["hidden_size"] // seed_config["num_attention_heads"]
-    )
-    width = seed_config["intermediate_size"]
-    moe = {"num_experts_per_tok": TOP_K, "router_aux_loss_coef": ROUTER_AUX_LOSS_COEF, "intermediate_size": width}
-    if family == "mixtral":
-        moe["num_local_experts"] = num_experts
-    else:
-        moe.update(num_experts=num_experts, moe_intermediate_size=width, norm_topk_prob=True)
-        moe.update(decoder_sparse_step=1, mlp_only_layers=[])
-    if family == "qwen2_moe":
-        moe.update(shared_expert_intermediate_size=width, qkv_bias=True)
-    config = AutoConfig.for_model(family, **{**carried, **moe})
-    for key in MUST_CARRY:
-        if key in seed_config and getattr(config, key, None) != seed_config[key]:
-            became = getattr(config, key, None)
-            raise BTXError(f"{family} cannot carry the seed's {key}={seed_config[key]!r} (it became {became!r})")
-    return config
-
-
-def _build(config: PretrainedConfig, seed: DenseCheckpoint, dtype: torch.dtype) -> PreTrainedModel:
-    """The empty target model (every parameter is written after), checked to hold the seed's non-FFN tensors."""
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.tie_weights()
-    ours = {n: tuple(p.shape) for n, p in model.named_parameters() if not FFN_PARAM.match(n)}
-    theirs = {n: shape for n, (_, shape) in seed.headers.items() if not FFN_PARAM.match(n)}
-    if ours != theirs:
-        differ = sorted(set(ours.items()) ^ set(theirs.items()))[:4]
-        raise BTXError(
-            f"a {config.model_type} model does not hold the seed's non-FFN tensors one for one (differing: "
-            f"{', '.join(f'{n} {list(s)}' for n, s in differ)}). Merge into the family named for the seed"
-        )
-    view = ExpertView(model)
-    if view.moe_layers != list(range(config.num_hidden_layers)):
-        raise BTXError(f"the {config.model_type} model has MoE blocks in layers {view.moe_layers}, not in every layer")
-    return model.eval()
+    return given_router_rows(router_init, shape_LEH, order="branches, then the generalist", error=BTXError)
 
 
 def _fill(
@@ -402,10 +236,11 @@ def merge_branches(
             raise BTXError(f"branch {i} ('{path}') is also branch {branch_dirs.index(path)}: pass each branch once")
     inputs = {"the seed checkpoint": seed_dir, **{f"branch {i}": p for i, p in enumerate(branch_dirs)}}
     out = check_out_dir(out_dir, overwrite, inputs)
-    base = DenseCheckpoint(seed_dir, "the seed")
-    branches = [DenseCheckpoint(p, f"branch {i}") for i, p in enumerate(branch_dirs)]
+    base = DenseCheckpoint(seed_dir, "the seed", BTXError)
+    branches = [DenseCheckpoint(p, f"branch {i}", BTXError) for i, p in enumerate(branch_dirs)]
     given = isinstance(router_init, torch.Tensor)
-    options = BTXOptions(_check_seed(base, family), generalist, shared, "given" if given else router_init, seed)
+    family = check_seed(base, family, method="BTX", error=BTXError)
+    options = BTXOptions(family, generalist, shared, "given" if given else router_init, seed)
     for branch in branches:
         _check_inputs(base, branch)
     dtype, config = base.dtype(), base.config
@@ -413,7 +248,8 @@ def merge_branches(
     shape_LEH = (int(config["num_hidden_layers"]), num_experts, int(config["hidden_size"]))
     std = float(config.get("initializer_range", 0.02))
     routers_LEH = _router_rows(router_init, seed, shape_LEH, std)
-    model = _build(target_config(config, options.family, num_experts), base, dtype)
+    moe_config = target_config(config, options.family, num_experts, top_k=TOP_K, error=BTXError)
+    model = build_moe(moe_config, base, dtype, error=BTXError)
     fingerprints = [checkpoint_fingerprint(c.path) for c in [base, *branches]]
     if len(set(fingerprints[1:])) < len(branches):
         log.warning("two or more branches hold the same weights: their experts will be identical")
@@ -436,12 +272,6 @@ def merge_branches(
         },
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    with staged_dir(out) as stage:
-        model.save_pretrained(stage, safe_serialization=True)
-        for name, file in base.tokenizer_files().items():
-            shutil.copy2(file, stage / name)
-        if (seed_dir / "generation_config.json").is_file():
-            shutil.copy2(seed_dir / "generation_config.json", stage / "generation_config.json")
-        (stage / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    write_checkpoint(model, out, seed_dir, PROVENANCE_FILE, provenance)
     log.info("BTX checkpoint written to %s (%s)", out, ", ".join(experts))
     return out

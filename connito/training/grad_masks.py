@@ -5,7 +5,11 @@ A :class:`TrainableSet` says what trains: routed experts by global ``(layer, exp
 :class:`connito.experts.ExpertMask`), plus shared experts, routers, or modules by name glob only when asked. It is
 resolved against a live model (plain transformers or AutoEP-sharded) to one row mask per parameter: ``keep_R``, a
 bool per index of dimension 0 (the expert dimension of a stacked expert tensor; one row for everything else, which
-trains whole or not at all). Two mechanisms make the mask exact:
+trains whole or not at all). Routers train whole (``routers``) or by rows (``router_rows``): in each MoE layer
+only the rows of its router weight [E, H] (and the entries of a router bias [E], where a router has one) that
+belong to the layer's trainable routed experts, as FlexOLMo trains a data owner's router row beside the frozen
+public one. AutoEP's swapped router (``router.gate``, an ``nn.Linear``) holds every global expert's row on every
+rank, so the row mask is the same global mask under expert parallelism. Two mechanisms make the mask exact:
 
 * **no gradient, no state** (:func:`freeze_untrainable`, before the engine is built): a parameter with no trainable
   row gets ``requires_grad=False``, so autograd computes nothing for it and neither the torch optimizer (ZeRO 0) nor
@@ -75,7 +79,7 @@ from torch import nn
 
 from connito.experts import ExpertAddressError, ExpertMask, ExpertView
 from connito.experts.autoep_mapping import AUTOEP_EXPERT_NAME, hf_expert_param, hf_name
-from connito.experts.blocks import AutoEPMoEBlock
+from connito.experts.blocks import AutoEPMoEBlock, MoEBlock
 from connito.training.config import EngineConfig
 from connito.training.zero_partitions import OptimizerTensor, Ranges, complement, optimizer_tensors, rows_to_ranges
 
@@ -90,20 +94,33 @@ class GradientMaskError(ValueError):
 class TrainableSet:
     """What trains. Default: the routed experts in ``experts`` alone.
 
-    ``shared_experts``: every MoE layer's shared experts (and their gate); ``routers``: every MoE layer's router;
-    ``modules``: ``fnmatch`` globs over parameter names in the transformers naming (``model.layers.*.self_attn.*``,
-    ``lm_head.weight``), matched on AutoEP-swapped models through the same names (tied names count)."""
+    ``shared_experts``: every MoE layer's shared experts (and their gate); ``routers``: every MoE layer's whole
+    router; ``router_rows``: only the router rows (dimension 0 of the router weight [E, H], and of a router bias [E]
+    where the family has one) of each layer's trainable routed experts, every other row bit-identical (FlexOLMo:
+    a data owner trains its own expert and router row, the public ones stay frozen); ``routers`` and
+    ``router_rows`` exclude each other. ``modules``: ``fnmatch`` globs over parameter names in the transformers
+    naming (``model.layers.*.self_attn.*``, ``lm_head.weight``), matched on AutoEP-swapped models through the same
+    names (tied names count)."""
 
     experts: ExpertMask
     shared_experts: bool = False
     routers: bool = False
     modules: tuple[str, ...] = field(default=())
+    router_rows: bool = False
+
+    def __post_init__(self):
+        if self.routers and self.router_rows:
+            raise GradientMaskError(
+                "routers=true trains every router whole and router_rows=true only the rows of the trainable "
+                "experts: choose one (router_rows=true for FlexOLMo-style training of an owner's router row)"
+            )
 
     def to_dict(self) -> dict:
         return {
             "experts": self.experts.to_dict(),
             "shared_experts": self.shared_experts,
             "routers": self.routers,
+            "router_rows": self.router_rows,
             "modules": list(self.modules),
         }
 
@@ -114,6 +131,7 @@ class TrainableSet:
             bool(data.get("shared_experts", False)),
             bool(data.get("routers", False)),
             tuple(data.get("modules", ())),
+            bool(data.get("router_rows", False)),
         )
 
 
@@ -203,9 +221,12 @@ def resolve_masks(model: nn.Module, trainable: TrainableSet) -> list[ParamMask]:
                 f"beyond the mask's {experts.shape[1]} experts"
             )
         keep[id(piece.param)] |= rows
-    for _, block in view.blocks():
+    for layer, block in view.blocks():
         if trainable.routers:
             train_whole(block.router_module)
+        elif trainable.router_rows:
+            for param, rows_E in _router_row_masks(layer, block, mask_LE[layer]):
+                keep[id(param)] |= rows_E
         if trainable.shared_experts:
             train_whole(block.shared_experts())
             train_whole(block.shared_expert_gate())
@@ -221,6 +242,34 @@ def resolve_masks(model: nn.Module, trainable: TrainableSet) -> list[ParamMask]:
             for pid in hits:
                 keep[pid][:] = True
     return [ParamMask(name, param, keep[pid]) for pid, (name, param) in params.items()]
+
+
+def _router_row_masks(layer: int, block: MoEBlock, rows_E: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """``router_rows``: each parameter of ``block``'s router with its trainable rows (``rows_E``, the layer's
+    trainable experts in the global numbering). Every router parameter must have one row per global expert (the
+    weight [E, H], a bias [E]); anything else cannot be cut by expert and is refused."""
+    weight = block.router_weight()
+    num_experts = block.num_experts
+    if weight.dim() != 2 or weight.shape[0] != num_experts:
+        raise GradientMaskError(
+            f"router_rows: the router weight of layer {layer} ({block.prefix}) has shape {list(weight.shape)}, not "
+            f"[E, H] with E = {num_experts} global experts, so its rows cannot be cut by expert. Train it whole "
+            "(routers=true) or train on the transformers model (parallel.ep_size=1)"
+        )
+    out = []
+    for name, param in block.router_module.named_parameters():
+        if param.dim() == 0 or param.shape[0] != num_experts:
+            raise GradientMaskError(
+                f"router_rows: the router of layer {layer} ({block.prefix}) holds '{name}' of shape "
+                f"{list(param.shape)}, which has no row per expert. Train the routers whole (routers=true) instead"
+            )
+        out.append((param, rows_E.clone()))
+    if not any(param is weight for param, _ in out):
+        raise GradientMaskError(
+            f"router_rows: layer {layer}'s router weight is not a parameter of its router module {block.prefix}; "
+            "train the routers whole (routers=true) instead"
+        )
+    return out
 
 
 @dataclass(frozen=True)
@@ -247,7 +296,7 @@ def freeze_untrainable(model: nn.Module, trainable: TrainableSet) -> FreezeRepor
     if not any(m.any for m in masks):
         raise GradientMaskError(
             "the trainable set selects nothing: name experts (mask_file / experts), or set shared_experts, routers "
-            "or modules"
+            "or modules (router_rows trains the rows of the named experts only)"
         )
     for m in masks:
         if not m.any:

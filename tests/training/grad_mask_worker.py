@@ -13,6 +13,7 @@ transformers state dict, every expert, gathered over the expert-parallel group);
 method with phases narrows its mask.
 """
 
+import dataclasses
 import json
 import sys
 import time
@@ -27,7 +28,6 @@ from connito.experts import ExpertMask  # noqa: E402
 from connito.parallel import gather_hf_state_dict  # noqa: E402
 from connito.training.callbacks import Callback  # noqa: E402
 from connito.training.callbacks.trainable import Trainable  # noqa: E402
-from connito.training.grad_masks import TrainableSet  # noqa: E402
 from connito.training.optimizer_groups import inner_optimizer  # noqa: E402
 from connito.training.trainer import run_training  # noqa: E402
 from tests.helpers import compose_train  # noqa: E402
@@ -61,7 +61,7 @@ class Dump(Callback):
             experts = ExpertMask(current.experts.mask_LE, current.experts.moe_layers)
             for expert_id in self.freeze_after["experts"]:
                 experts.clear(tuple(expert_id))
-            callback.mask.set_trainable(TrainableSet(experts, current.shared_experts, current.routers, current.modules))
+            callback.mask.set_trainable(dataclasses.replace(current, experts=experts))
         self.started = time.perf_counter()
 
 

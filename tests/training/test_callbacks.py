@@ -102,3 +102,19 @@ def test_a_loss_term_that_is_not_a_scalar_stops_before_the_first_optimizer_step(
     )
     assert not (tmp_path / "run" / "checkpoints").exists()
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step was logged
+
+
+def test_the_export_carries_the_start_checkpoints_provenance_files(tmp_path):
+    """A model trained from a composed checkpoint still says what it is made of (connito_*.json)."""
+    from connito.training.export import carry_provenance
+
+    start, out = tmp_path / "start", tmp_path / "out"
+    start.mkdir()
+    out.mkdir()
+    (start / "connito_flexolmo.json").write_text('{"role": "owner_start"}')
+    (start / "config.json").write_text("{}")
+    (out / "connito_btx.json").write_text("written by the run")
+    (start / "connito_btx.json").write_text("older")
+    assert carry_provenance(start, out) == ["connito_flexolmo.json"]
+    assert (out / "connito_flexolmo.json").read_text() == '{"role": "owner_start"}'
+    assert (out / "connito_btx.json").read_text() == "written by the run" and not (out / "config.json").exists()

@@ -383,3 +383,111 @@ def test_a_resumed_masked_run_continues_with_the_mask_it_saved(matrix):
     assert_same_bits(torch.load(resumed / "step20.pt"), torch.load(straight / "step20.pt"), "resumed vs straight")
     saved = torch.load(resumed / "run" / "checkpoints" / "step_000012" / "callback_state.pt", weights_only=True)
     assert (2, 2) not in ExpertMask.from_dict(saved["trainable"]["trainable"]["experts"]).ids()
+
+
+# -- router rows (FlexOLMo: an owner trains its expert and its router row) ---------------------------------------
+
+
+def test_router_rows_cut_each_router_to_the_trainable_experts_rows():
+    model = build_tiny("qwen3_moe")
+    view = ExpertView(model)
+    experts = ExpertMask.from_ids([(0, 1), (2, 3), (2, 6)], view.num_layers, view.num_experts, view.moe_layers)
+    trainable = TrainableSet(experts, router_rows=True)
+    masks = {m.name: m for m in resolve_masks(model, trainable)}
+    assert masks["model.layers.0.mlp.gate.weight"].keep_R.nonzero().flatten().tolist() == [1]
+    assert masks["model.layers.2.mlp.gate.weight"].keep_R.nonzero().flatten().tolist() == [3, 6]
+    assert not masks["model.layers.1.mlp.gate.weight"].any  # no trainable expert: the router is frozen whole
+    row = model.config.hidden_size
+    assert masks["model.layers.2.mlp.gate.weight"].ranges() == [(3 * row, 4 * row), (6 * row, 7 * row)]
+    assert {name for name, m in masks.items() if m.any} == {
+        "model.layers.0.mlp.gate.weight",
+        "model.layers.2.mlp.gate.weight",
+        *(f"model.layers.{layer}.mlp.experts.{p}" for layer in (0, 2) for p in ("gate_up_proj", "down_proj")),
+    }
+    report = freeze_untrainable(model, trainable)
+    assert "model.layers.1.mlp.gate.weight" in report.frozen
+    assert {"model.layers.0.mlp.gate.weight", "model.layers.2.mlp.gate.weight"} <= set(report.masked)
+
+    assert TrainableSet.from_dict(json.loads(json.dumps(trainable.to_dict()))) == trainable
+    legacy = {k: v for k, v in trainable.to_dict().items() if k != "router_rows"}
+    assert TrainableSet.from_dict(legacy).router_rows is False  # sets saved before router_rows existed
+    with pytest.raises(GradientMaskError, match="routers=true trains every router whole .* choose one"):
+        TrainableSet(experts, routers=True, router_rows=True)
+    with pytest.raises(CallbackError, match="routers=true trains every router whole.* set one of them"):
+        Trainable(experts=[[0, 1]], routers=True, router_rows=True)
+    assert Trainable(experts=[[0, 1]], router_rows=True).trainable_set(view).router_rows
+
+    # A router bias [E] (none of the built-in families has one) is cut by the same rows; a router parameter without
+    # a row per expert cannot be cut and is refused.
+    gate = model.model.layers[2].mlp.gate
+    gate.bias = torch.nn.Parameter(torch.zeros(view.num_experts))
+    masks = {m.name: m for m in resolve_masks(model, trainable)}
+    assert masks["model.layers.2.mlp.gate.bias"].keep_R.nonzero().flatten().tolist() == [3, 6]
+    gate.scale = torch.nn.Parameter(torch.ones(1))
+    with pytest.raises(GradientMaskError, match=r"holds 'scale' of shape \[1\], which has no row per expert"):
+        resolve_masks(model, trainable)
+
+
+def test_zero0_router_rows_train_row_1_and_expert_1_of_a_mixtral_and_nothing_else(data_cache, tmp_path):
+    """Tiny Mixtral, experts [[l, 1] for every layer] with router_rows, AdamW with weight decay: after 4 steps every
+    router row but 1, every other expert and every non-expert tensor are the start's bits; row 1 and expert 1
+    moved, and at step 1 by exactly what a run training the routers whole gives them (a row's gradient and update
+    do not depend on the other rows)."""
+    from connito.training.trainer import run_training
+    from tests.training.grad_mask_worker import Dump
+
+    layers = 4
+    experts = json.dumps([[layer, 1] for layer in range(layers)]).replace(" ", "")
+    base = small_overrides(data_cache) + [
+        "model=mixtral_tiny",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        "train.export=false",
+        "optim.warmup_steps=2",
+        "optim.grad_clip=0",  # no global-norm clipping: the whole-router run's norm differs
+        f"+callbacks.trainable.experts={experts}",
+    ]
+    rows_dir, whole_dir = tmp_path / "rows", tmp_path / "whole"
+    rows_dir.mkdir(), whole_dir.mkdir()
+    rows = base + ["train.steps=4", "+callbacks.trainable.router_rows=true"]
+    run_training(compose_train(rows), rows_dir / "run", callbacks=[Dump(rows_dir, [1, 4], None)])
+    whole = base + ["train.steps=1", "+callbacks.trainable.routers=true"]
+    run_training(compose_train(whole), whole_dir / "run", callbacks=[Dump(whole_dir, [1], None)])
+
+    initial, final = torch.load(rows_dir / "initial.pt"), torch.load(rows_dir / "step4.pt")
+    first, whole_first = torch.load(rows_dir / "step1.pt"), torch.load(whole_dir / "step1.pt")
+    assert set(final) == set(initial)
+    for name, tensor in initial.items():
+        if name.endswith(".mlp.gate.weight") or ".mlp.experts." in name:
+            others = [row for row in range(tensor.shape[0]) if row != 1]
+            assert torch.equal(final[name][others], tensor[others]), name
+            assert not torch.equal(final[name][1], tensor[1]), name
+            assert torch.equal(first[name][1], whole_first[name][1]), name
+        else:
+            assert torch.equal(final[name], tensor), name
+    assert sum(name.endswith(".mlp.gate.weight") for name in initial) == layers
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_router_rows_under_expert_parallelism_keep_the_other_rows_bit_identical(data_cache, tmp_path):
+    """2 ranks, ZeRO 2, ep 2 (AutoEP's ``router.gate`` holds the [E, H] rows of all global experts on every rank):
+    the same contract as at ZeRO 0. Also measured at ZeRO 0 and 1 with ep 2."""
+    experts = json.dumps([[layer, 1] for layer in range(4)]).replace(" ", "")
+    base = small_overrides(data_cache) + [
+        "model=mixtral_tiny", "train.steps=4", "train.eval_every=0", "train.checkpoint_every=0", "train.export=false",
+        "optim.warmup_steps=2", f"+callbacks.trainable.experts={experts}", "+callbacks.trainable.router_rows=true",
+    ]  # fmt: skip
+    cases = {"zero2-ep2": {"overrides": CASES["zero2-ep2"]}}
+    spec_file = tmp_path / "cases.json"
+    spec_file.write_text(json.dumps({"out": str(tmp_path), "base": base, "dump_steps": [4], "cases": cases}))
+    proc = torchrun(2, REPO / "tests" / "training" / "grad_mask_worker.py", [str(spec_file)], timeout=600)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-6000:])
+    initial, final = torch.load(tmp_path / "zero2-ep2" / "initial.pt"), torch.load(tmp_path / "zero2-ep2" / "step4.pt")
+    for name, tensor in initial.items():
+        if name.endswith(".mlp.gate.weight") or ".mlp.experts." in name:
+            others = [row for row in range(tensor.shape[0]) if row != 1]
+            assert torch.equal(final[name][others], tensor[others]), name
+            assert not torch.equal(final[name][1], tensor[1]), name
+        else:
+            assert torch.equal(final[name], tensor), name

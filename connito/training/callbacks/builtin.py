@@ -121,6 +121,7 @@ class Exporter(Callback):
                 trainer.info.is_main,
                 trainer.cfg.engine.zero_stage,
                 edit=edit,
+                start=trainer.cfg.model.path or None,
             )
         if trainer.info.is_main:
             write_summary(result, trainer.family.model_type)

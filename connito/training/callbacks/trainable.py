@@ -4,6 +4,12 @@ with slice-exact gradient masks (:mod:`connito.training.grad_masks`)::
     connito train +callbacks.trainable.mask_file=esft_mask.json
     connito train '+callbacks.trainable.experts=[[1,0],[1,5],[3,2]]' +callbacks.trainable.routers=true
     connito train +callbacks.trainable.mask_file=m.json '+callbacks.trainable.modules=[lm_head.weight]'
+    connito train model.path=owner '+callbacks.trainable.experts=[[0,1],[1,1]]' +callbacks.trainable.router_rows=true
+
+``routers=true`` trains every MoE layer's router whole; ``router_rows=true`` only the router rows of the trainable
+experts (each layer's rows of the experts named for it; the other rows stay bit-identical): a FlexOLMo data owner
+trains its expert and its router row against the frozen public ones
+(:func:`connito.composition.flexolmo.owner_start`). The two exclude each other.
 
 ``mask_file`` is a ``connito.mask/1`` file (``connito select``; its fingerprint must be that of ``model.path``, the
 checkpoint it was selected on) or a bare :class:`connito.experts.ExpertMask` JSON file (``ExpertMask.to_json``:
@@ -47,7 +53,8 @@ log = logging.getLogger("connito.training")
 
 @register_callback("trainable")
 class Trainable(Callback):
-    """Options: ``mask_file`` or ``experts`` (one of them), ``shared_experts``, ``routers``, ``modules``."""
+    """Options: ``mask_file`` or ``experts`` (one of them), ``shared_experts``, ``routers`` or ``router_rows``,
+    ``modules``."""
 
     def __init__(
         self,
@@ -56,6 +63,7 @@ class Trainable(Callback):
         shared_experts: bool = False,
         routers: bool = False,
         modules: list[str] | tuple[str, ...] = (),
+        router_rows: bool = False,
     ):
         if (mask_file is None) == (experts is None):
             raise CallbackError(
@@ -64,10 +72,16 @@ class Trainable(Callback):
             )
         if mask_file is not None and not Path(mask_file).expanduser().is_file():
             raise CallbackError(f"callbacks.trainable.mask_file='{mask_file}' is not a file")
+        if routers and router_rows:
+            raise CallbackError(
+                "callbacks.trainable: routers=true trains every router whole, router_rows=true only the trainable "
+                "experts' rows; set one of them"
+            )
         if isinstance(modules, str):
             modules = [modules]
         self.mask_file, self.experts = mask_file, experts
         self.shared_experts, self.routers, self.modules = bool(shared_experts), bool(routers), tuple(modules)
+        self.router_rows = bool(router_rows)
         self.trainable: TrainableSet | None = None
         self._base_path: str | None = None
         self.mask: GradientMask | None = None
@@ -81,12 +95,8 @@ class Trainable(Callback):
                 raise CallbackError(f"callbacks.trainable.mask_file='{path}' is not JSON: {err}") from None
             if isinstance(record, dict) and record.get("schema") == MASK_SCHEMA:
                 # a `connito select` mask file: checked against the base checkpoint's fingerprint
-                return TrainableSet(
-                    read_mask_file(path, self.base_fingerprint(), view=view).mask,
-                    self.shared_experts,
-                    self.routers,
-                    self.modules,
-                )
+                experts = read_mask_file(path, self.base_fingerprint(), view=view).mask
+                return self._with(experts)
             try:
                 experts = ExpertMask.from_dict(record)
             except (ExpertAddressError, KeyError, TypeError, ValueError) as err:
@@ -98,7 +108,10 @@ class Trainable(Callback):
                 raise CallbackError(
                     f"callbacks.trainable.experts={self.experts!r}: give [[layer, expert], ...] pairs"
                 ) from None
-        return TrainableSet(experts, self.shared_experts, self.routers, self.modules)
+        return self._with(experts)
+
+    def _with(self, experts: ExpertMask) -> TrainableSet:
+        return TrainableSet(experts, self.shared_experts, self.routers, self.modules, self.router_rows)
 
     def base_fingerprint(self) -> str:
         """The fingerprint a ``connito.mask/1`` file must carry: the base checkpoint's (``model.path``)."""
