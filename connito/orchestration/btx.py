@@ -107,8 +107,9 @@ class BtxConfig:
     """``missing``: run the jobs that are not done (after a failure: only the failed ones and what follows them);
     ``all``: discard every job's state and start over."""
     stage: str = ""
-    """Internal: ``merge`` or ``report`` runs that stage of an existing plan in this process (what the merge and
-    report jobs run). Empty: plan and run the whole pipeline."""
+    """Empty: plan and run the whole pipeline. ``plan``: write ``<run>/pipeline.json`` and list the jobs, run
+    nothing (to submit stages by hand with ``launch/slurm/pipeline_stage.sbatch``). ``merge`` / ``report``: run
+    that stage of an existing plan in this process (what the merge and report jobs run)."""
 
 
 def branch_domains(cfg: BtxConfig) -> list[str]:

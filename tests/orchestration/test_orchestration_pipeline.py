@@ -224,3 +224,27 @@ def test_overrides_keep_every_character():
         "data.seq_len=128",
     ]
     assert first_difference({"a": {"b": 1}}, {"a": {"b": 2}}) == "a.b: 1 before, 2 now"
+
+
+@pytest.mark.slurm
+def test_the_sbatch_template_runs_a_planned_stage_by_hand(fake, slurm_cluster):
+    """launch/slurm/pipeline_stage.sbatch, submitted by hand to a real SLURM: each array task runs its job."""
+    import subprocess
+    import sys
+
+    from connito.orchestration.plan import write_plan
+    from tests.helpers import REPO
+
+    root = fake / "run"
+    plan = two_stage(root)
+    write_plan(root, plan)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env["PYTHONPATH"] = f"{env['PYTHONPATH']}{os.pathsep}{REPO}"
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--wait", "--array=0-1", "--cpus-per-task=1", f"--output={fake}/slurm-%A_%a.out",
+         str(REPO / "launch" / "slurm" / "pipeline_stage.sbatch"), str(root), "a", "b"],
+        capture_output=True, text=True, env=env, cwd=fake, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr + "".join(p.read_text() for p in fake.glob("slurm-*.out"))
+    assert [current_status(root, plan.job(n))[0] for n in ("a", "b", "merge")] == ["done", "done", "pending"]
+    assert read_state(root, "a").slurm_job.endswith("_0") and read_state(root, "b").slurm_job.endswith("_1")

@@ -12,6 +12,7 @@ def run(cfg: BtxConfig, run_dir: Path) -> None:
     # here, not at the top: `connito --help` stays fast
     from connito.orchestration import OrchestrationError, run_pipeline, status_table
     from connito.orchestration.btx import plan_btx, run_merge, run_report
+    from connito.orchestration.plan import write_plan
     from connito.orchestration.recipe import run_root
 
     root = run_root(cfg.run)
@@ -23,10 +24,13 @@ def run(cfg: BtxConfig, run_dir: Path) -> None:
             run_report(root)
             print(f"report:     {root / 'btx_report.md'}")
             return
-        if cfg.stage:
-            raise ValueError(f"stage={cfg.stage!r}: the stages run alone are merge and report (empty: the pipeline)")
+        if cfg.stage not in ("", "plan"):
+            raise ValueError(f"stage={cfg.stage!r}: plan, merge or report (empty: the whole pipeline)")
         plan = plan_btx(cfg)
-        run_pipeline(root, plan, cfg.launcher, cfg.rerun, run_name=cfg.run.name)
+        if cfg.stage == "plan":
+            write_plan(root, plan, replace=cfg.rerun == "all")
+        else:
+            run_pipeline(root, plan, cfg.launcher, cfg.rerun, run_name=cfg.run.name)
     except (OrchestrationError, ValueError) as err:
         print(f"connito btx: {err}", file=sys.stderr)
         sys.exit(1)
