@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from connito.experts.addressing import ExpertAddressError
+from connito.experts.addressing import ExpertAddressError, ExpertId
 from connito.experts.delta.manifest import SCHEMA, DeltaError, TensorEntry, dtype_name, parse_dtype
 from connito.experts.delta.package import Delta, comparable_config, expert_tensor_names, load_delta
 from connito.experts.delta.staging import check_out_dir, copy_tokenizer_files, staged_dir
@@ -79,8 +80,12 @@ def check_tensor(where: str, got: torch.Tensor, live: torch.Tensor, cast: bool) 
     return got.to(live.dtype)
 
 
-def write_delta_into(model: torch.nn.Module, delta: Delta, cast: bool) -> None:
-    """Check every tensor of ``delta`` against ``model``, then write them all (experts by id, modules by name)."""
+def checked_tensors(
+    model: torch.nn.Module, delta: Delta, cast: bool
+) -> tuple[dict[ExpertId, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """``(experts, modules)``: every tensor of ``delta`` checked against ``model`` (the delta's expert space, each
+    expert's tensor kinds, each module's name, every shape; every dtype unless ``cast``) and cast to the model's
+    dtype. Nothing is written."""
     view = ExpertView(model)
     mask = delta.manifest.experts
     if mask.shape != (view.num_layers, view.num_experts) or list(mask.moe_layers) != view.moe_layers:
@@ -108,14 +113,33 @@ def write_delta_into(model: torch.nn.Module, delta: Delta, cast: bool) -> None:
                 f"{'holds as routed experts' if name in stacked else 'does not have'}: it was made for another model"
             )
         modules[name] = check_tensor(f"module tensor '{name}'", tensor, state[name], cast)
+    return experts, modules
+
+
+def write_tensors(
+    model: torch.nn.Module,
+    experts: Mapping[ExpertId, Mapping[str, torch.Tensor]],
+    modules: Mapping[str, torch.Tensor],
+    source: str,
+) -> None:
+    """Write checked tensors (:func:`checked_tensors`) into ``model``: experts by id, modules by ``state_dict``
+    name. ``source`` (what they come from) names the culprit if an expert does not fit."""
+    view = ExpertView(model)
+    state = model.state_dict()
     try:
         for expert_id, tensors in experts.items():
             view.write_expert(expert_id, tensors)
     except ExpertAddressError as err:
-        raise DeltaError(f"the delta {delta.path} does not fit the base: {err}") from None
+        raise DeltaError(f"{source} does not fit the base: {err}") from None
     with torch.no_grad():
         for name, tensor in modules.items():
             state[name].copy_(tensor)
+
+
+def write_delta_into(model: torch.nn.Module, delta: Delta, cast: bool) -> None:
+    """Check every tensor of ``delta`` against ``model``, then write them all (experts by id, modules by name)."""
+    experts, modules = checked_tensors(model, delta, cast)
+    write_tensors(model, experts, modules, f"the delta {delta.path}")
 
 
 def apply_delta(
