@@ -3,12 +3,14 @@
 Stages (each a set of jobs, each job one ``connito`` command with its own run directory under ``<run>/``):
 
 - ``seed`` (only without ``seed.path``): ``connito train`` of the dense ``seed.model`` on every domain;
-- ``branches``: one ``branch-<domain>`` job per domain, ``connito train`` from the seed on that domain alone;
+- ``branches``: one ``branch-<domain>`` job per domain, ``connito train`` from the seed on that domain alone; beside
+  them (``baseline.enabled``) ``dense``: the seed trained on every domain for as many steps as the branches and the
+  fine-tuning together, the step-matched dense model BTX has to beat;
 - ``merge``: ``connito btx stage=merge``, :func:`connito.composition.btx_merge.merge_branches` into ``merged/``;
 - ``finetune`` (``finetune.enabled``): ``connito train`` of the merged MoE on every domain, the routers alone (or
   every parameter), top-2 routing, load balancing 0.01 (the paper's);
-- ``report``: ``connito btx stage=report``, held-out loss per domain of the seed, each branch, the merged and the
-  fine-tuned model (``btx_report.md`` / ``.json``).
+- ``report``: ``connito btx stage=report``, held-out loss per domain of the seed, each branch, the dense baseline,
+  the merged and the fine-tuned model (``btx_report.md`` / ``.json``).
 
 The merge job checks, before it reads a tensor, that every branch job of the plan is ``done`` (the orchestrator
 would not start it otherwise; a merge started by hand is checked too), so an incomplete set is never merged.
@@ -17,9 +19,11 @@ Everything a result depends on (seed, domains, steps, data, merge options, train
 
 **Decisions.** The merged model's router starts random (the paper's choice) or, with ``mix.router_init=
 domain_means``, with row i = the seed's mean FFN input on domain i's training text per layer
-(:func:`connito.composition.hidden_means.mean_ffn_inputs`). Fine-tuning trains the routers alone
-(``finetune.train=router``, experts and everything else frozen by the slice-exact gradient masks) or every
-parameter (``all``). Not built: splitting each FFN into C chunks (N x C experts); the merge keeps whole FFNs.
+(:func:`connito.composition.hidden_means.mean_ffn_inputs`). Fine-tuning trains every parameter (``finetune.train=
+all``, the paper's) or the routers alone (``router``: experts and everything else frozen by the slice-exact
+gradient masks). The dense baseline is matched in steps (and so in tokens), not in FLOPs: a top-2 step of the
+merged model costs about twice the FFN compute of a dense step. Not built: splitting each FFN into C chunks
+(N x C experts); the merge keeps whole FFNs.
 """
 
 from __future__ import annotations
@@ -75,11 +79,18 @@ class MixConfig:
 
 
 @dataclass
+class BaselineConfig:
+    enabled: bool = True
+    """Train the step-matched dense baseline (job ``dense``): the seed continued on every domain for
+    ``len(domains) x branch.steps + finetune.steps`` steps."""
+
+
+@dataclass
 class FinetuneConfig:
     enabled: bool = True
     steps: int = 100
-    train: str = "router"
-    """``router``: the routers alone; ``all``: every parameter."""
+    train: str = "all"
+    """``all``: every parameter (the paper's); ``router``: the routers alone."""
     aux_loss_coef: float = 0.01
     """Load-balancing coefficient (the paper's 0.01)."""
 
@@ -97,6 +108,7 @@ class BtxConfig:
     branch: BranchConfig = field(default_factory=BranchConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     train_overrides: list[str] = field(default_factory=list)
     """More ``connito train`` overrides for every training job (seed, branches, fine-tuning); quote each item on
     the command line: ``'train_overrides=["train.micro_batch_size=4","engine=zero1"]'``."""
@@ -146,6 +158,9 @@ def plan_btx(cfg: BtxConfig) -> Plan:
                   cfg.branch.steps, ranks, cfg.train_overrides)
         for domain in domains
     )  # fmt: skip
+    if cfg.baseline.enabled:
+        steps = len(domains) * cfg.branch.steps + (cfg.finetune.steps if cfg.finetune.enabled else 0)
+        branches += (train_job("dense", root, [*start, *data], steps, ranks, cfg.train_overrides),)
     merge = stage_job("btx", "merge", root, "merge", root / "merged" / WEIGHTS, workdir=str(root / "merged"))
     stages += [Stage("branches", branches), Stage("merge", (merge,))]
     if cfg.finetune.enabled:
@@ -166,6 +181,7 @@ def plan_btx(cfg: BtxConfig) -> Plan:
         "branch": asdict(cfg.branch),
         "mix": asdict(cfg.mix),
         "finetune": asdict(cfg.finetune),
+        "baseline": asdict(cfg.baseline),
         "data": asdict(cfg.data),
         "train_overrides": list(cfg.train_overrides),
         "eval_tokens": cfg.eval_tokens,
@@ -223,6 +239,8 @@ def run_report(root: Path) -> dict:
     seed = Path(settings["seed"]["path"]).expanduser().resolve() if settings["seed"]["path"] else root / "seed" / "hf"
     models = {"seed": seed}
     models.update({f"branch {d}": root / f"branch-{d}" / "hf" for d in settings["domains"]})
+    if settings.get("baseline", {}).get("enabled"):
+        models["dense, step-matched"] = root / "dense" / "hf"
     models["merged"] = root / "merged"
     if settings["finetune"]["enabled"]:
         models[f"merged + {settings['finetune']['train']} fine-tuning"] = root / "finetune" / "hf"

@@ -38,12 +38,14 @@ def config(tmp_path, **changes) -> BtxConfig:
 def test_the_plan_trains_a_seed_one_branch_per_domain_then_merges_fine_tunes_and_reports(tmp_path):
     plan = plan_btx(config(tmp_path))
     assert [s.name for s in plan.stages] == ["seed", "branches", "merge", "finetune", "report"]
-    assert [j.name for j in plan.stages[1].jobs] == ["branch-code", "branch-docs"]
+    assert [j.name for j in plan.stages[1].jobs] == ["branch-code", "branch-docs", "dense"]
+    dense = plan.job("dense").command
+    assert "train.steps=400" in dense and not any(o.startswith("data.domains") for o in dense)
     code = plan.job("branch-code").command
     assert code[0] == "train" and "data.domains=['code']" in code and "train.steps=150" in code
     assert f"model.path='{tmp_path / 'btx' / 'seed' / 'hf'}'" in code
     finetune = plan.job("finetune").command
-    assert "+callbacks.trainable.routers=true" in finetune and "model.aux_loss_coef=0.01" in finetune
+    assert "+callbacks.trainable.routers=true" not in finetune and "model.aux_loss_coef=0.01" in finetune
     assert plan.job("merge").command[:1] == ("btx",) and "stage=merge" in plan.job("merge").command
     assert plan.job("branch-code").outputs == (str(tmp_path / "btx" / "branch-code" / "hf" / "model.safetensors"),)
 
@@ -52,12 +54,12 @@ def test_plan_options(tmp_path):
     seed = tmp_path / "seed"
     seed.mkdir()
     (seed / "config.json").write_text("{}")
-    cfg = config(tmp_path, **{"seed.path": str(seed), "finetune.train": "all", "launcher.kind": "torchrun",
+    cfg = config(tmp_path, **{"seed.path": str(seed), "finetune.train": "router", "launcher.kind": "torchrun",
                               "launcher.nproc_per_node": 2, "train_overrides": ["optim.lr=0.001"]})  # fmt: skip
     plan = plan_btx(cfg)
     assert [s.name for s in plan.stages] == ["branches", "merge", "finetune", "report"]
     assert {j.ranks for j in plan.stages[0].jobs} == {2} and plan.job("merge").ranks == 1
-    assert "+callbacks.trainable.routers=true" not in plan.job("finetune").command
+    assert "+callbacks.trainable.routers=true" in plan.job("finetune").command
     assert plan.job("branch-docs").command[-1] == "optim.lr=0.001"
     with pytest.raises(ValueError, match="finetune.train='experts'"):
         plan_btx(config(tmp_path, **{"finetune.train": "experts"}))
@@ -81,7 +83,7 @@ def small(tmp_path: Path, data_cache: Path, name: str, *extra: str) -> list[str]
     return [
         "btx", f"run.root={tmp_path}", f"run.name={name}", f"data.cache_dir={data_cache}",
         "data.max_chars_per_domain=120000", "data.vocab_size=512", "data.seq_len=64", "domains=[code,docs]",
-        "seed.steps=4", "branch.steps=6", "finetune.enabled=false", "eval_tokens=512",
+        "seed.steps=4", "branch.steps=6", "finetune.enabled=false", "baseline.enabled=false", "eval_tokens=512",
         "train_overrides=[" + ",".join(f"'{o}'" for o in train) + "]", *extra,
     ]  # fmt: skip
 
