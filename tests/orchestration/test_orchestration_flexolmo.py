@@ -118,7 +118,7 @@ def test_the_merge_refuses_an_incomplete_set_of_owners_and_the_user_stages_an_un
 
 @pytest.mark.parametrize(
     "changes, message",
-    [({"stage": "prepare"}, "give owner_name=<owner>"), ({"stage": "mix"}, "stage='mix': choose one of prepare")],
+    [({"stage": "prepare"}, "give owner_name=<owner>"), ({"stage": "mix"}, "stage='mix': choose plan or one of prepare")],
 )
 def test_the_command_refuses_a_stage_it_cannot_run(tmp_path, capsys, changes, message):
     with pytest.raises(SystemExit):
