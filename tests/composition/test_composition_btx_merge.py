@@ -14,18 +14,9 @@ from connito.composition.btx_merge import PROVENANCE_FILE, merge_branches
 from connito.experts import ExpertView
 from connito.models.families import ModelError
 from connito.models.fingerprint import checkpoint_fingerprint
+from tests.composition.tiny import TINY_DENSE
 
-TINY = {
-    "vocab_size": 128,
-    "hidden_size": 64,
-    "intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "max_position_embeddings": 64,
-    "initializer_range": 0.1,
-}
+TINY = {**TINY_DENSE, "initializer_range": 0.1}
 OVERRIDES = {"llama": {}, "qwen3": {"tie_word_embeddings": True}, "qwen2": {}}
 FAMILY = {"llama": "mixtral", "qwen3": "qwen3_moe", "qwen2": "qwen2_moe"}
 TOKENIZER = {"tokenizer.json": '{"model": {"vocab": {"a": 0, "b": 1}}}\n', "tokenizer_config.json": "{}\n"}

@@ -21,18 +21,9 @@ from connito.composition.opt_out import OptOut, in_every_layer, save_without_exp
 from connito.experts import ExpertView
 from connito.models.families import ModelError
 from connito.models.fingerprint import checkpoint_fingerprint
+from tests.composition.tiny import TINY_DENSE
 
-TINY = {
-    "vocab_size": 128,
-    "hidden_size": 64,
-    "intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "max_position_embeddings": 64,
-    "initializer_range": 0.1,
-}
+TINY = {**TINY_DENSE, "initializer_range": 0.1}
 OVERRIDES = {"llama": {}, "qwen3": {"tie_word_embeddings": True}}  # as configs/model/*_tiny.yaml: qwen3 ties
 FAMILY = {"llama": "mixtral", "qwen3": "qwen3_moe"}
 TOKENIZER = {"tokenizer.json": '{"model": {"vocab": {"a": 0, "b": 1}}}\n', "tokenizer_config.json": "{}\n"}

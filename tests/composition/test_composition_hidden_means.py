@@ -6,18 +6,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from connito.composition.hidden_means import mean_ffn_inputs
 from connito.models.families import ModelError
+from tests.composition.tiny import TINY_DENSE
 
-TINY = {
-    "vocab_size": 128,
-    "hidden_size": 64,
-    "intermediate_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "max_position_embeddings": 64,
-    "pad_token_id": 0,
-}
+TINY = {**TINY_DENSE, "pad_token_id": 0}
 MOE = {
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     "qwen3_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32},
