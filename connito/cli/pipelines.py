@@ -16,16 +16,19 @@ def run_pipeline_command(
     plan: Callable[[Any], Any],
     stages: Mapping[str, Callable[[Path], None]],
     report: str,
+    explain: Callable[[Path, Any], str] | None = None,
 ) -> None:
     """``cfg.stage`` empty: plan and run the pipeline; ``plan``: write the plan and run nothing; a name in
     ``stages``: run that stage on the pipeline in ``<run.root>/<run.name>``. ``report``: the file the pipeline's
-    report stage writes there (printed at the end when present)."""
+    report stage writes there (printed at the end when present). ``explain(root, plan)``: more to print after an
+    error (e.g. the refusal a failed job wrote into its log)."""
     # here, not at the top: `connito --help` stays fast
     from connito.orchestration import OrchestrationError, run_pipeline, status_table
     from connito.orchestration.plan import write_plan
     from connito.orchestration.recipe import run_root
 
     root = run_root(cfg.run)
+    planned = None
     try:
         if cfg.stage in stages:
             stages[cfg.stage](root)
@@ -39,6 +42,9 @@ def run_pipeline_command(
             run_pipeline(root, planned, cfg.launcher, cfg.rerun, run_name=cfg.run.name)
     except (OrchestrationError, ValueError) as err:
         print(f"connito {kind}: {err}", file=sys.stderr)
+        more = explain(root, planned) if explain is not None and planned is not None else ""
+        if more:
+            print(f"\n{more}", file=sys.stderr)
         sys.exit(1)
     print(status_table(root, planned))
     if (root / report).is_file():

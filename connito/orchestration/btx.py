@@ -14,8 +14,10 @@ Stages (each a set of jobs, each job one ``connito`` command with its own run di
 
 The merge job checks, before it reads a tensor, that every branch job of the plan is ``done`` (the orchestrator
 would not start it otherwise; a merge started by hand is checked too), so an incomplete set is never merged.
-Everything a result depends on (seed, domains, steps, data, merge options, trainer overrides) is the plan's
-``settings``; a rerun with other settings is refused (:mod:`connito.orchestration.plan`).
+Everything a result depends on is in the plan: the seed, domains, data and trainer overrides pipeline-wide (a
+rerun with others is refused), the merge options (``mix``), the fine-tuning and the report's token budget as
+their stages' own settings, so changing one of those reruns that stage and the ones after it and keeps the
+branches (:mod:`connito.orchestration.plan`).
 
 **Decisions.** The merged model's router starts random (the paper's choice) or, with ``mix.router_init=
 domain_means``, with row i = the seed's mean FFN input on domain i's training text per layer
@@ -162,7 +164,7 @@ def plan_btx(cfg: BtxConfig) -> Plan:
         steps = len(domains) * cfg.branch.steps + (cfg.finetune.steps if cfg.finetune.enabled else 0)
         branches += (train_job("dense", root, [*start, *data], steps, ranks, cfg.train_overrides),)
     merge = stage_job("btx", "merge", root, "merge", root / "merged" / WEIGHTS, workdir=str(root / "merged"))
-    stages += [Stage("branches", branches), Stage("merge", (merge,))]
+    stages += [Stage("branches", branches), Stage("merge", (merge,), {"mix": asdict(cfg.mix)})]
     if cfg.finetune.enabled:
         trainable = ["+callbacks.trainable.experts=[]", "+callbacks.trainable.routers=true"]
         finetune = [
@@ -173,18 +175,16 @@ def plan_btx(cfg: BtxConfig) -> Plan:
             *(trainable if cfg.finetune.train == "router" else []),
         ]
         finetune_job = train_job("finetune", root, finetune, cfg.finetune.steps, ranks, cfg.train_overrides)
-        stages.append(Stage("finetune", (finetune_job,)))
-    stages.append(Stage("report", (stage_job("btx", "report", root, "report", root / "btx_report.json"),)))
+        stages.append(Stage("finetune", (finetune_job,), {"finetune": asdict(cfg.finetune)}))
+    report = stage_job("btx", "report", root, "report", root / "btx_report.json")
+    stages.append(Stage("report", (report,), {"eval_tokens": cfg.eval_tokens}))
     settings = {
         "domains": domains,
         "seed": asdict(cfg.seed),
         "branch": asdict(cfg.branch),
-        "mix": asdict(cfg.mix),
-        "finetune": asdict(cfg.finetune),
         "baseline": asdict(cfg.baseline),
         "data": asdict(cfg.data),
         "train_overrides": list(cfg.train_overrides),
-        "eval_tokens": cfg.eval_tokens,
     }
     return Plan("btx", tuple(stages), settings)
 
@@ -197,7 +197,7 @@ def run_merge(root: Path) -> Path:
 
     plan = planned(root, "btx")
     require_done(root, plan, "branches")
-    settings = plan.settings
+    settings = plan.all_settings()
     mix = MixConfig(**settings["mix"])
     seed = Path(settings["seed"]["path"]).expanduser().resolve() if settings["seed"]["path"] else root / "seed" / "hf"
     branches = [root / f"branch-{domain}" / "hf" for domain in settings["domains"]]
@@ -234,7 +234,7 @@ def run_report(root: Path) -> dict:
     from connito.analysis.held_out import checkpoint_losses, held_out_batches, losses_table
 
     plan = planned(root, "btx")
-    settings = plan.settings
+    settings = plan.all_settings()
     require_done(root, plan, "merge", "no report was written")
     seed = Path(settings["seed"]["path"]).expanduser().resolve() if settings["seed"]["path"] else root / "seed" / "hf"
     models = {"seed": seed}
@@ -242,7 +242,7 @@ def run_report(root: Path) -> dict:
     if settings.get("baseline", {}).get("enabled"):
         models["dense, step-matched"] = root / "dense" / "hf"
     models["merged"] = root / "merged"
-    if settings["finetune"]["enabled"]:
+    if settings.get("finetune", {}).get("enabled"):
         models[f"merged + {settings['finetune']['train']} fine-tuning"] = root / "finetune" / "hf"
     held_out = held_out_batches(DataConfig(**settings["data"]), seed, domains=settings["domains"],
                                 eval_tokens=settings["eval_tokens"] * len(settings["domains"]))  # fmt: skip

@@ -193,16 +193,17 @@ def plan_flexolmo(cfg: FlexOlmoConfig) -> Plan:
         train.append(train_job(f"owner-{owner}", root, overrides, cfg.owner.steps, ranks, cfg.train_overrides))
     merge = stage_job("flexolmo", "merge", root, "merge", root / "merged" / WEIGHTS, workdir=str(root / "merged"))
     report = stage_job("flexolmo", "report", root, "report", root / f"{REPORT}.json")
-    stages += [Stage("prepare", tuple(prepare)), Stage("owners", tuple(train)), Stage("merge", (merge,)),
-               Stage("report", (report,))]  # fmt: skip
+    stages += [
+        Stage("prepare", tuple(prepare), {"owner": asdict(cfg.owner)}),
+        Stage("owners", tuple(train)),
+        Stage("merge", (merge,), {"top_k": cfg.top_k}),
+        Stage("report", (report,), {"eval_tokens": cfg.eval_tokens}),
+    ]
     settings = {
         "owners": owners,
         "public": asdict(cfg.public),
-        "owner": asdict(cfg.owner),
-        "top_k": cfg.top_k,
         "data": asdict(cfg.data),
         "train_overrides": list(cfg.train_overrides),
-        "eval_tokens": cfg.eval_tokens,
     }
     return Plan("flexolmo", tuple(stages), settings)
 
@@ -216,7 +217,7 @@ def run_prepare(root: Path, owner: str) -> Path:
     from connito.composition.flexolmo import owner_start
 
     plan = planned(root, "flexolmo")
-    settings = plan.settings
+    settings = plan.all_settings()
     owners = settings["owners"]
     if owner not in owners:
         raise ValueError(f"owner_name={owner!r}: not an owner of {root}; its owners: {', '.join(owners)}")
@@ -272,7 +273,7 @@ def run_merge(root: Path) -> Path:
 
     plan = planned(root, "flexolmo")
     require_done(root, plan, "owners")
-    settings = plan.settings
+    settings = plan.all_settings()
     owners = {owner: root / f"owner-{owner}" / "hf" for owner in settings["owners"]}
     return merge_owners(public_dir(settings, root), owners, root / "merged", top_k=settings["top_k"], overwrite=True)
 
@@ -303,7 +304,7 @@ def _finished(root: Path, opt_out: list[str]) -> tuple[dict, list[str]]:
     if len(set(opt_out)) != len(opt_out):
         raise ValueError(f"opt_out={list(opt_out)}: name each owner once")
     require_done(root, plan, "merge", "there is no merged model yet")
-    return plan.settings, list(opt_out)
+    return plan.all_settings(), list(opt_out)
 
 
 def run_report(root: Path) -> dict:

@@ -70,13 +70,16 @@ class Job:
 class Stage:
     name: str
     jobs: tuple[Job, ...]
+    settings: dict = field(default_factory=dict)
+    """Settings this stage is the first to use (a merge's options, a report's token budget): changing them on a
+    rerun reruns this stage and the ones after it, and keeps what came before."""
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "jobs": [job.to_dict() for job in self.jobs]}
+        return {"name": self.name, "jobs": [job.to_dict() for job in self.jobs], "settings": self.settings}
 
     @classmethod
     def from_dict(cls, data: dict) -> Stage:
-        return cls(data["name"], tuple(Job.from_dict(job) for job in data["jobs"]))
+        return cls(data["name"], tuple(Job.from_dict(job) for job in data["jobs"]), data.get("settings", {}))
 
 
 @dataclass

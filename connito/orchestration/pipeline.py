@@ -2,13 +2,15 @@
 
 :func:`run_pipeline` is what every composition command calls after planning:
 
-1. write the plan (or check that the one on disk is the same, :mod:`connito.orchestration.plan`);
-2. read every job's status; ``rerun=all`` resets them all first;
+1. refuse, before anything is written, while a job of the pipeline is still running or queued (a second copy
+   would write into the same directory); the error shows where every job stands;
+2. write the plan, or check it against the one on disk (:mod:`connito.orchestration.plan`): other pipeline-wide
+   settings are refused; a stage whose jobs or own settings changed is reset to ``pending`` with every stage
+   after it, their work directories deleted; ``rerun=all`` resets every job;
 3. find the first stage with a job that is not done; every job of the stages after it is reset to ``pending``
    and its work directory deleted (a merge built on an older branch is not kept, a fine-tuning of an older merge
    does not resume);
-4. refuse if one of the jobs to run is still running (a second copy would write into the same directory);
-5. local/torchrun: run that stage's unfinished jobs, then the next stage, ...; a stage with a failed or lost job
+4. local/torchrun: run that stage's unfinished jobs, then the next stage, ...; a stage with a failed or lost job
    stops the pipeline -- the finished jobs stay done, nothing of a later stage starts (a merge never sees an
    incomplete set), and the error names each failed job with its reason and log. Running the same command again
    reruns only those jobs.
@@ -25,7 +27,7 @@ from pathlib import Path
 from connito.orchestration.config import LauncherConfig, check_launcher
 from connito.orchestration.jobs import FINISHED, Job, OrchestrationError, current_status, reset_state
 from connito.orchestration.launchers import run_local, submit_slurm
-from connito.orchestration.plan import Plan, write_plan
+from connito.orchestration.plan import PLAN_FILE, Plan, read_plan, write_plan
 
 log = logging.getLogger("connito.orchestration")
 
@@ -65,33 +67,43 @@ def _stop(root: Path, plan: Plan, failed: list[str]) -> OrchestrationError:
     )
 
 
-def pending_stages(root: Path, plan: Plan, rerun: str) -> int | None:
-    """Reset what must run again; returns the index of the first stage with work, or None when all is done."""
+def pending_stages(root: Path, plan: Plan, rerun: str, changed: int | None = None) -> int | None:
+    """Reset what must run again (everything with ``rerun=all``; the stages from ``changed`` on, whose settings
+    changed); returns the index of the first stage with work, or None when all is done."""
     if rerun == "all":
         for job in plan.jobs():
             reset_state(root, job, clean=True)
+    elif changed is not None:
+        log.info("the settings of stage %s changed: it and the stages after it run again", plan.stages[changed].name)
+        for stage in plan.stages[changed:]:
+            for job in stage.jobs:
+                reset_state(root, job, clean=True)
     statuses = _statuses(root, plan)
     first = next((i for i, s in enumerate(plan.stages) if any(statuses[j.name] != "done" for j in s.jobs)), None)
     if first is None:
         return None
-    alive = [name for name, status in statuses.items() if status in ("running", "queued")]
-    if alive:
-        raise OrchestrationError(
-            f"job(s) {alive} of {root} are still running or queued: wait for them (run the same command again "
-            "later), or stop them (kill their process group / scancel) first"
-        )
     for stage in plan.stages[first + 1 :]:
         for job in stage.jobs:
             reset_state(root, job, clean=True)
     return first
 
 
+def _refuse_running(root: Path, plan: Plan) -> None:
+    alive = [job.name for job in plan.jobs() if current_status(root, job)[0] in ("running", "queued")]
+    if alive:
+        raise OrchestrationError(
+            f"job(s) {alive} of {root} are still running or queued: wait for them (run the same command again "
+            "later), or stop them (kill their process group / scancel) first\n" + status_table(root, plan)
+        )
+
+
 def run_pipeline(root: Path, plan: Plan, launcher: LauncherConfig, rerun: str = "missing", run_name: str = "") -> None:
     """Plan, run what is not done, and raise :class:`OrchestrationError` naming the jobs that failed."""
     check_launcher(launcher, rerun)
     root = Path(root).resolve()
-    write_plan(root, plan, replace=rerun == "all")
-    first = pending_stages(root, plan, rerun)
+    _refuse_running(root, read_plan(root) if (root / PLAN_FILE).is_file() else plan)
+    changed = write_plan(root, plan, replace=rerun == "all")
+    first = pending_stages(root, plan, rerun, changed)
     if first is None:
         log.info("every job of %s is done", root)
         return

@@ -1,8 +1,10 @@
 """A pipeline's plan: ``<root>/pipeline.json`` (schema ``connito.pipeline/1``), the stages and jobs a composition
 command decided on, written before anything runs.
 
-The plan is what makes a rerun safe: a second invocation with the same settings finds the same jobs and runs only
-those that are not done; one with other settings (another domain list, step count, seed) is refused with the first
+The plan is what makes a rerun safe. A second invocation with the same settings finds the same jobs and runs only
+those that are not done. One whose settings differ only from some stage on (a stage's own ``settings``, such as
+the merge's options, or its jobs' command lines) keeps the stages before it and reruns that stage and every later
+one. One whose pipeline-wide settings differ (another domain list, seed, data) is refused with the first
 difference, because mixing branches trained under two plans into one merge would be silent nonsense. The job
 runner reads its command from here, so a SLURM task and a local process run exactly the same line.
 """
@@ -25,7 +27,8 @@ class Plan:
     """What composes: ``btx``, ``flexolmo``, ``groups``."""
     stages: tuple[Stage, ...]
     settings: dict = field(default_factory=dict)
-    """The settings that define the result (compared on rerun); launcher choices are not among them."""
+    """The pipeline-wide settings that define the result (a difference on rerun is refused); launcher choices
+    are not among them. Settings only some stages use are those stages' own (:attr:`Stage.settings`)."""
 
     def __post_init__(self):
         names = [job.name for stage in self.stages for job in stage.jobs]
@@ -42,6 +45,13 @@ class Plan:
 
     def jobs(self) -> list[Job]:
         return [job for stage in self.stages for job in stage.jobs]
+
+    def all_settings(self) -> dict:
+        """The pipeline-wide settings with every stage's own: what an in-process stage (a merge, a report) reads."""
+        merged = dict(self.settings)
+        for stage in self.stages:
+            merged.update(stage.settings)
+        return merged
 
     def stage_of(self, name: str) -> int:
         return next(i for i, stage in enumerate(self.stages) if any(job.name == name for job in stage.jobs))
@@ -80,24 +90,37 @@ def first_difference(old: dict, new: dict, prefix: str = "") -> str | None:
     return None
 
 
-def write_plan(root: Path, plan: Plan, *, replace: bool = False) -> None:
-    """Write ``plan`` into ``root``; an existing plan must be the same one unless ``replace``."""
+def first_changed_stage(old: Plan, new: Plan) -> int | None:
+    """The index of the first stage whose jobs or own settings differ between two plans (None: the same)."""
+    for index, (a, b) in enumerate(zip(old.stages, new.stages)):
+        if a.to_dict() != b.to_dict():
+            return index
+    if len(old.stages) != len(new.stages):
+        return min(len(old.stages), len(new.stages))
+    return None
+
+
+def write_plan(root: Path, plan: Plan, *, replace: bool = False) -> int | None:
+    """Write ``plan`` into ``root``. An existing plan must have the same kind and pipeline-wide settings (unless
+    ``replace``); returns the index of the first stage that changed against it (None: nothing changed, or no
+    plan was there), whose jobs and every later stage's must run again."""
     root = Path(root)
     path = root / PLAN_FILE
+    changed = None
     if path.is_file() and not replace:
         old = json.loads(path.read_text())
         difference = first_difference(
-            {"kind": old.get("kind"), "settings": old.get("settings", {}), "stages": old.get("stages")},
-            {"kind": plan.kind, "settings": plan.settings, "stages": plan.to_dict()["stages"]},
+            {"kind": old.get("kind"), "settings": old.get("settings", {})},
+            {"kind": plan.kind, "settings": plan.settings},
         )
         if difference is not None:
-            if difference.startswith("stages"):
-                difference = "the jobs' command lines differ"
             raise OrchestrationError(
                 f"{root} holds a {old.get('kind')} pipeline planned with other settings ({difference}). Use another "
                 "run.name, or rerun=all to discard its jobs' states and start over"
             )
+        changed = first_changed_stage(Plan.from_dict(old), plan)
     root.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(plan.to_dict(), indent=1))
     tmp.replace(path)
+    return changed

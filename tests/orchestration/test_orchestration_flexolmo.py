@@ -64,7 +64,7 @@ def test_the_plan_trains_a_public_model_prepares_and_trains_each_owner_then_merg
         assert "+callbacks.trainable.router_rows=true" in command
         assert "+callbacks.trainable.routers=true" not in command
     assert "stage=merge" in plan.job("merge").command and "stage=report" in plan.job("report").command
-    assert plan.settings["owners"] == ["code", "docs"] and plan.settings["top_k"] == 2
+    assert plan.settings["owners"] == ["code", "docs"] and plan.all_settings()["top_k"] == 2
 
 
 def test_a_public_path_skips_the_public_stage(tmp_path):
@@ -118,7 +118,10 @@ def test_the_merge_refuses_an_incomplete_set_of_owners_and_the_user_stages_an_un
 
 @pytest.mark.parametrize(
     "changes, message",
-    [({"stage": "prepare"}, "give owner_name=<owner>"), ({"stage": "mix"}, "stage='mix': choose plan or one of prepare")],
+    [
+        ({"stage": "prepare"}, "give owner_name=<owner>"),
+        ({"stage": "mix"}, "stage='mix': choose plan or one of prepare"),
+    ],
 )
 def test_the_command_refuses_a_stage_it_cannot_run(tmp_path, capsys, changes, message):
     with pytest.raises(SystemExit):

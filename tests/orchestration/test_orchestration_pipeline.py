@@ -248,3 +248,18 @@ def test_the_sbatch_template_runs_a_planned_stage_by_hand(fake, slurm_cluster):
     assert out.returncode == 0, out.stderr + "".join(p.read_text() for p in fake.glob("slurm-*.out"))
     assert [current_status(root, plan.job(n))[0] for n in ("a", "b", "merge")] == ["done", "done", "pending"]
     assert read_state(root, "a").slurm_job.endswith("_0") and read_state(root, "b").slurm_job.endswith("_1")
+
+
+def test_changed_stage_settings_rerun_that_stage_and_keep_the_ones_before(fake):
+    root = fake / "run"
+    plan = two_stage(root)
+    run_pipeline(root, plan, LauncherConfig())
+    merge_stage = Stage("merge", plan.stages[1].jobs, {"threshold": 0.5})
+    relaxed = Plan(plan.kind, (plan.stages[0], merge_stage), plan.settings)
+    (root / "merge" / "stale").write_text("from the old merge")
+    run_pipeline(root, relaxed, LauncherConfig())
+    assert attempts(root, plan) == {"a": 1, "b": 1, "merge": 2}
+    assert not (root / "merge" / "stale").exists()
+    assert relaxed.all_settings() == {"x": 1, "threshold": 0.5}
+    run_pipeline(root, relaxed, LauncherConfig())  # the same again: nothing runs
+    assert attempts(root, plan) == {"a": 1, "b": 1, "merge": 2}
