@@ -145,3 +145,17 @@ def test_btx_as_slurm_arrays_through_sbatch(tmp_path, data_cache, slurm_cluster)
     script = (root / "slurm" / "branches.sbatch").read_text()
     assert "#SBATCH --array=0-1" in script
     assert (root / "btx_report.md").is_file() and (root / "merged" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_btx_with_torchrun_jobs_of_two_ranks(tmp_path, data_cache):
+    args = small(tmp_path, data_cache, "torchrun", "launcher.kind=torchrun", "launcher.nproc_per_node=2",
+                 "launcher.max_parallel=2", "domains=[code,docs]")  # fmt: skip
+    run = btx(args, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    root = tmp_path / "torchrun"
+    for job in ("seed", "branch-code", "branch-docs"):
+        assert "distributed: world 2" in (root / "logs" / f"{job}.log").read_text()
+    assert "merged:" in (root / "logs" / "merge.log").read_text()  # the merge is one process
+    assert (root / "merged" / "model.safetensors").is_file()
