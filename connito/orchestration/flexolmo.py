@@ -52,7 +52,6 @@ log = logging.getLogger("connito.orchestration")
 ROUTER_INITS = ("mean_hidden", "random")
 MASK_FILE = "owner_mask.json"
 REPORT = "flexolmo_report"
-STAGES = ("prepare", "merge", "report", "evaluate", "remove")
 
 
 @dataclass

@@ -55,7 +55,6 @@ log = logging.getLogger("connito.orchestration")
 SCORES = ("gate", "token", "driver")
 PARTITION_OVERLAPS = ("assign", "refuse")
 MERGE_OVERLAPS = ("refuse", "average", "first")
-STAGES = ("plan", "partition", "merge", "report")
 REPORT = "groups_report"
 PARTITION_FILE = "partition.json"
 MASK_SUFFIX = ".mask.json"
