@@ -1,0 +1,71 @@
+"""``connito remove checkpoint=<dir> 'experts=[...]' out=<dir>``: a checkpoint without some experts, as checkpoint
+surgery (:func:`connito.composition.opt_out.save_without_experts`): their FFN slices and router rows are gone, the
+others renumbered in order, the config's expert count updated, and plain transformers loads the result. It
+computes exactly what the model computes with those experts opted out at inference (``OptOut``, identical
+logits); the input checkpoint is never written to."""
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from connito.cli.command import Command
+
+EXPERT = re.compile(r"^\s*(\*|\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass
+class RemoveConfig:
+    """Root config of ``connito remove``. Kept here, not beside ``save_without_experts``: importing
+    ``connito.composition`` loads torch, and ``connito --help`` reads every command's config."""
+
+    checkpoint: str = ""
+    """The ``save_pretrained`` MoE checkpoint to remove experts from (required; never modified)."""
+    experts: list[str] = field(default_factory=list)
+    """The experts to remove: ``layer:expert`` in the global numbering (``[1:3,2:3]``), or ``*:expert`` for that
+    expert of every MoE layer (``['*:3']``). Every MoE layer must lose the same number (one expert count per
+    config); opting out at inference has no such limit."""
+    out: str = ""
+    """Where the smaller checkpoint goes (required): a new or empty directory unless ``overwrite``."""
+    overwrite: bool = False
+    """Replace an existing non-empty ``out`` (only once the new checkpoint is complete)."""
+
+
+def parse_experts(items: list[str]):
+    """``layer:expert`` ids, or ``*:expert`` (every MoE layer) items; not both kinds in one call."""
+    from connito.composition.opt_out import in_every_layer
+
+    parsed = []
+    for item in items:
+        match = EXPERT.match(str(item))
+        if match is None:
+            raise ValueError(f"experts: {item!r} is not layer:expert (e.g. 1:3) or *:expert (e.g. '*:3')")
+        parsed.append((match.group(1), int(match.group(2))))
+    every = [expert for layer, expert in parsed if layer == "*"]
+    if every and len(every) != len(parsed):
+        raise ValueError(f"experts={items}: give either layer:expert ids or *:expert items, not both")
+    if every:
+        return in_every_layer(*every)
+    return [(int(layer), expert) for layer, expert in parsed]
+
+
+def run(cfg: RemoveConfig, run_dir: Path) -> None:
+    from connito.composition.opt_out import save_without_experts  # here, not at the top: `connito --help`
+    from connito.models.families import ModelError
+
+    missing = [key for key in ("checkpoint", "out") if not getattr(cfg, key)]
+    if missing or not cfg.experts:
+        raise ModelError(
+            "connito remove needs checkpoint=<dir>, experts=[layer:expert,...] (or ['*:expert']) and out=<dir>; "
+            f"missing: {', '.join([*missing, *([] if cfg.experts else ['experts'])])}"
+        )
+    out = save_without_experts(cfg.checkpoint, parse_experts(list(cfg.experts)), cfg.out, overwrite=cfg.overwrite)
+    print(f"written:    {out} (which old expert each new one is: {out / 'connito_opt_out.json'})")
+
+
+COMMAND = Command(
+    name="remove",
+    summary="a checkpoint without some experts (surgery; identical to opting them out), loadable in transformers",
+    config_name="remove",
+    schema=RemoveConfig,
+    run=run,
+)
