@@ -40,7 +40,16 @@ from connito.orchestration.config import LauncherConfig
 from connito.orchestration.jobs import Stage
 from connito.orchestration.overrides import changed_overrides, override_value
 from connito.orchestration.plan import Plan
-from connito.orchestration.recipe import WEIGHTS, job_ranks, planned, require_done, run_root, stage_job, train_job
+from connito.orchestration.recipe import (
+    WEIGHTS,
+    job_ranks,
+    mean_hidden_rows,
+    planned,
+    require_done,
+    run_root,
+    stage_job,
+    train_job,
+)
 from connito.training.config import RunConfig
 
 log = logging.getLogger("connito.orchestration")
@@ -213,19 +222,8 @@ def run_merge(root: Path) -> Path:
 def domain_mean_rows(seed: Path, data: DataConfig, domains: list[str], mix: MixConfig):
     """[L, E, H]: per layer, row i = the seed's mean FFN input over domain i's training text (the generalist's row,
     when there is one, the mean over all domains)."""
-    import torch
-
-    from connito.analysis.held_out import held_out_batches, load_checkpoint
-    from connito.composition.hidden_means import mean_ffn_inputs
-
-    model = load_checkpoint(seed)
-    rows = []
-    for domain in domains:
-        batches = held_out_batches(data, seed, domains=[domain], eval_tokens=mix.router_tokens, split="train")
-        rows.append(mean_ffn_inputs(model, batches.inputs))
-    if mix.generalist:
-        rows.append(torch.stack(rows).mean(0))
-    return torch.stack(rows, dim=1)
+    sets = [[domain] for domain in domains] + ([list(domains)] if mix.generalist else [])
+    return mean_hidden_rows(seed, data, sets, mix.router_tokens)
 
 
 def run_report(root: Path) -> dict:

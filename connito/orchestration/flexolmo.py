@@ -44,7 +44,16 @@ from connito.orchestration.config import LauncherConfig
 from connito.orchestration.jobs import Stage
 from connito.orchestration.overrides import changed_overrides, override_value
 from connito.orchestration.plan import Plan
-from connito.orchestration.recipe import WEIGHTS, job_ranks, planned, require_done, run_root, stage_job, train_job
+from connito.orchestration.recipe import (
+    WEIGHTS,
+    job_ranks,
+    mean_hidden_rows,
+    planned,
+    require_done,
+    run_root,
+    stage_job,
+    train_job,
+)
 from connito.training.config import RunConfig
 
 log = logging.getLogger("connito.orchestration")
@@ -226,28 +235,12 @@ def run_prepare(root: Path, owner: str) -> Path:
     config = OwnerConfig(**settings["owner"])
     rows = None
     if config.router_init == "mean_hidden":
-        rows = mean_hidden_rows(public, DataConfig(**settings["data"]), settings["public"]["domains"], owner,
-                                config.router_tokens)  # fmt: skip
+        domain_sets = [list(settings["public"]["domains"]), [owner]]  # row 0: public text, row 1: the owner's
+        rows = mean_hidden_rows(public, DataConfig(**settings["data"]), domain_sets, config.router_tokens)
     start = owner_start(public, start_dir(root, owner), router_rows=rows, seed=owners.index(owner) + 1,
                         overwrite=True)  # fmt: skip
     (start / MASK_FILE).write_text(owner_mask(start).to_json(indent=1) + "\n")
     return start
-
-
-def mean_hidden_rows(public: Path, data: DataConfig, public_domains: list[str], owner: str, tokens: int):
-    """[L, 2, H]: per layer, the public model's mean FFN input over the public domains' training text (row 0) and
-    over the owner's (row 1)."""
-    import torch
-
-    from connito.analysis.held_out import held_out_batches, load_checkpoint
-    from connito.composition.hidden_means import mean_ffn_inputs
-
-    model = load_checkpoint(public)
-    rows = []
-    for domains in (list(public_domains), [owner]):
-        batches = held_out_batches(data, public, domains=domains, eval_tokens=tokens * len(domains), split="train")
-        rows.append(mean_ffn_inputs(model, batches.inputs))
-    return torch.stack(rows, dim=1)
 
 
 def owner_mask(start: Path):

@@ -70,3 +70,22 @@ def require_done(root: Path, plan: Plan, stage: str, what: str = "nothing was me
             f"not every {stage} job of {root} is done: {', '.join(missing)}. Run `connito {plan.kind}` with the "
             f"same settings to finish them; {what}"
         )
+
+
+def mean_hidden_rows(model_dir: Path, data, domain_sets: list[list[str]], tokens_per_domain: int):
+    """Router rows from text: [L, len(domain_sets), H], row i of every layer the mean FFN input of the model at
+    ``model_dir`` over the training text of ``domain_sets[i]`` (``tokens_per_domain`` tokens per domain;
+    :func:`connito.composition.hidden_means.mean_ffn_inputs`). BTX starts its merged router this way
+    (``mix.router_init=domain_means``), FlexOLMo an owner's row (offline stand-in for its external embedder)."""
+    import torch
+
+    from connito.analysis.held_out import held_out_batches, load_checkpoint
+    from connito.composition.hidden_means import mean_ffn_inputs
+
+    model = load_checkpoint(model_dir)
+    rows = []
+    for domains in domain_sets:
+        tokens = tokens_per_domain * len(domains)
+        batches = held_out_batches(data, model_dir, domains=list(domains), eval_tokens=tokens, split="train")
+        rows.append(mean_ffn_inputs(model, batches.inputs))
+    return torch.stack(rows, dim=1)

@@ -149,13 +149,15 @@ def test_btx_as_slurm_arrays_through_sbatch(tmp_path, data_cache, slurm_cluster)
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_btx_with_torchrun_jobs_of_two_ranks(tmp_path, data_cache):
+def test_btx_with_torchrun_jobs_of_two_ranks_and_domain_mean_router_rows(tmp_path, data_cache):
     args = small(tmp_path, data_cache, "torchrun", "launcher.kind=torchrun", "launcher.nproc_per_node=2",
-                 "launcher.max_parallel=2", "domains=[code,docs]")  # fmt: skip
+                 "launcher.max_parallel=2", "domains=[code,docs]", "mix.router_init=domain_means",
+                 "mix.generalist=true", "mix.router_tokens=1024")  # fmt: skip
     run = btx(args, tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     root = tmp_path / "torchrun"
     for job in ("seed", "branch-code", "branch-docs"):
         assert "distributed: world 2" in (root / "logs" / f"{job}.log").read_text()
     assert "merged:" in (root / "logs" / "merge.log").read_text()  # the merge is one process
-    assert (root / "merged" / "model.safetensors").is_file()
+    provenance = json.loads((root / "merged" / "connito_btx.json").read_text())
+    assert provenance["router"]["init"] == "given tensor" and len(provenance["experts"]) == 3
