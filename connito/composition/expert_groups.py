@@ -520,7 +520,7 @@ def validate_merge(
         raise GroupMergeError(
             f"the merged model's held-out loss rose more than allowed on {', '.join(refused)} (nats per token):\n"
             f"{table}\nThe groups interfere: retrain them on smaller or disjoint-by-routing groups (lower top_p), or "
-            "allow more with max_regression (connito groups: merge.max_regression)"
+            "allow more with max_regression (merge.max_regression in `connito groups`)"
         )
 
 

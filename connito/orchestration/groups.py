@@ -407,5 +407,6 @@ def failed_merge_message(root: Path, plan: Plan) -> str:
     if status != "failed" or not state.log or not Path(state.log).is_file():
         return ""
     text = Path(state.log).read_text()
-    start = text.rfind("connito groups: ")
+    text = text[text.rfind("\n===== merge: attempt") + 1 :]  # the last attempt only
+    start = text.find("connito groups: ")
     return text[start:].strip() if start >= 0 else ""
