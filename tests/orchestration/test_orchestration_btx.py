@@ -18,21 +18,13 @@ from connito.orchestration.btx import BtxConfig, plan_btx, run_merge
 from connito.orchestration.jobs import read_state
 from connito.orchestration.plan import write_plan
 from tests.helpers import clean_env
+from tests.orchestration import pipelines
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def config(tmp_path, **changes) -> BtxConfig:
-    cfg = BtxConfig()
-    cfg.run.root, cfg.run.name = str(tmp_path), "btx"
-    cfg.domains = ["code", "docs"]
-    for key, value in changes.items():
-        target = cfg
-        *path, last = key.split(".")
-        for part in path:
-            target = getattr(target, part)
-        setattr(target, last, value)
-    return cfg
+    return pipelines.config(BtxConfig, tmp_path, "btx", **{"domains": ["code", "docs"], **changes})
 
 
 def test_the_plan_trains_a_seed_one_branch_per_domain_then_merges_fine_tunes_and_reports(tmp_path):
@@ -77,20 +69,13 @@ def test_the_merge_refuses_an_incomplete_set_of_branches(tmp_path):
         run_merge(root)
 
 
-def small(tmp_path: Path, data_cache: Path, name: str, *extra: str) -> list[str]:
-    train = ["train.micro_batch_size=4", "train.log_every=1", "train.eval_every=0", "train.eval_batches=1",
-             "logging.progress=false"]  # fmt: skip
-    return [
-        "btx", f"run.root={tmp_path}", f"run.name={name}", f"data.cache_dir={data_cache}",
-        "data.max_chars_per_domain=120000", "data.vocab_size=512", "data.seq_len=64", "domains=[code,docs]",
-        "seed.steps=4", "branch.steps=6", "finetune.enabled=false", "baseline.enabled=false", "eval_tokens=512",
-        "train_overrides=[" + ",".join(f"'{o}'" for o in train) + "]", *extra,
-    ]  # fmt: skip
+def small(tmp_path: Path, data_cache: Path, name: str, *extra: str, **kwargs) -> list[str]:
+    tiny = ["domains=[code,docs]", "seed.steps=4", "branch.steps=6", "finetune.enabled=false", "baseline.enabled=false",
+            "eval_tokens=512"]  # fmt: skip
+    return pipelines.small("btx", tmp_path, data_cache, name, *tiny, *extra, **kwargs)
 
 
-def btx(args: list[str], cwd: Path, timeout=900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "connito", *args], cwd=cwd, env=clean_env(), capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+btx = pipelines.connito
 
 
 def weights(path: Path) -> dict:
@@ -103,9 +88,7 @@ def test_a_killed_branch_is_rerun_alone_and_the_merge_equals_an_uninterrupted_ru
     assert whole.returncode == 0, whole.stderr[-3000:]
     root = tmp_path / "killed"
     seed = f"seed.path={tmp_path / 'whole' / 'seed' / 'hf'}"
-    args = small(tmp_path, data_cache, "killed", seed,
-                 "train_overrides=['train.micro_batch_size=4','train.eval_every=0','train.eval_batches=1',"
-                 "'logging.progress=false','train.checkpoint_every=2','train.log_every=1']")  # fmt: skip
+    args = small(tmp_path, data_cache, "killed", seed, train=[*pipelines.TRAIN, "train.checkpoint_every=2"])
     first = subprocess.Popen([sys.executable, "-m", "connito", *args], cwd=tmp_path, env=clean_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     checkpoint = root / "branch-code" / "checkpoints" / "step_000002" / "COMPLETE"

@@ -4,8 +4,6 @@ for bit, the report opts each owner out, and the checkpoint written without an o
 merged model computes with that owner opted out."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,21 +24,13 @@ from connito.orchestration.flexolmo import (
 )
 from connito.orchestration.jobs import read_state
 from connito.orchestration.plan import write_plan
-from tests.helpers import clean_env
+from tests.orchestration import pipelines
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def config(tmp_path, **changes) -> FlexOlmoConfig:
-    cfg = FlexOlmoConfig()
-    cfg.run.root, cfg.run.name = str(tmp_path), "flex"
-    for key, value in changes.items():
-        target = cfg
-        *path, last = key.split(".")
-        for part in path:
-            target = getattr(target, part)
-        setattr(target, last, value)
-    return cfg
+    return pipelines.config(FlexOlmoConfig, tmp_path, "flex", **changes)
 
 
 def test_the_plan_trains_a_public_model_prepares_and_trains_each_owner_then_merges_and_reports(tmp_path):
@@ -140,18 +130,11 @@ def test_the_owner_mask_is_expert_1_of_every_moe_layer(tmp_path):
 
 
 def small(tmp_path: Path, data_cache: Path, name: str, *extra: str) -> list[str]:
-    train = ["train.micro_batch_size=4", "train.log_every=1", "train.eval_every=0", "train.eval_batches=1",
-             "logging.progress=false"]  # fmt: skip
-    return [
-        "flexolmo", f"run.root={tmp_path}", f"run.name={name}", f"data.cache_dir={data_cache}",
-        "data.max_chars_per_domain=120000", "data.vocab_size=512", "data.seq_len=64", "public.steps=4",
-        "owner.steps=4", "eval_tokens=2048", "train_overrides=[" + ",".join(f"'{o}'" for o in train) + "]", *extra,
-    ]  # fmt: skip
+    return pipelines.small("flexolmo", tmp_path, data_cache, name, "public.steps=4", "owner.steps=4",
+                           "eval_tokens=2048", *extra)  # fmt: skip
 
 
-def flexolmo(args: list[str], cwd: Path, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "connito", *args], cwd=cwd, env=clean_env(), capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+flexolmo = pipelines.connito
 
 
 def experts_of(weights: dict, layer: int, expert: int) -> dict:

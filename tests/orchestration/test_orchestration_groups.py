@@ -4,8 +4,6 @@ and a group that hurts the other domains refused at the merge with the numbers, 
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,7 @@ from connito.orchestration import OrchestrationError
 from connito.orchestration.groups import GroupsConfig, plan_groups, run_merge, run_partition
 from connito.orchestration.jobs import read_state
 from connito.orchestration.plan import write_plan
-from tests.helpers import clean_env
+from tests.orchestration import pipelines
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -23,16 +21,7 @@ EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 
 
 def config(tmp_path, **changes) -> GroupsConfig:
-    cfg = GroupsConfig()
-    cfg.run.root, cfg.run.name = str(tmp_path), "groups"
-    cfg.domains = ["code", "docs"]
-    for key, value in changes.items():
-        target = cfg
-        *path, last = key.split(".")
-        for part in path:
-            target = getattr(target, part)
-        setattr(target, last, value)
-    return cfg
+    return pipelines.config(GroupsConfig, tmp_path, "groups", **{"domains": ["code", "docs"], **changes})
 
 
 def test_the_plan_trains_a_base_analyses_partitions_trains_one_group_per_domain_merges_and_reports(tmp_path):
@@ -119,19 +108,11 @@ def test_the_merge_refuses_an_incomplete_set_of_groups_and_the_partition_a_missi
 
 
 def small(tmp_path: Path, data_cache: Path, name: str, *extra: str) -> list[str]:
-    train = ["train.micro_batch_size=4", "train.log_every=1", "train.eval_every=0", "train.eval_batches=1",
-             "logging.progress=false"]  # fmt: skip
-    return [
-        "groups", f"run.root={tmp_path}", f"run.name={name}", f"data.cache_dir={data_cache}",
-        "data.max_chars_per_domain=120000", "data.vocab_size=512", "data.seq_len=64", "domains=[code,docs]",
-        "base.steps=4", "group.steps=6", "partition.analysis_tokens=1024", "eval_tokens=512",
-        "train_overrides=[" + ",".join(f"'{o}'" for o in train) + "]", *extra,
-    ]  # fmt: skip
+    return pipelines.small("groups", tmp_path, data_cache, name, "domains=[code,docs]", "base.steps=4", "group.steps=6",
+                           "partition.analysis_tokens=1024", "eval_tokens=512", *extra)  # fmt: skip
 
 
-def groups(args: list[str], cwd: Path, timeout=900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "connito", *args], cwd=cwd, env=clean_env(), capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+groups = pipelines.connito
 
 
 def expert_of(name: str) -> tuple[int, int] | None:
