@@ -46,6 +46,7 @@ from connito.orchestration.overrides import changed_overrides, override_value
 from connito.orchestration.plan import Plan
 from connito.orchestration.recipe import (
     WEIGHTS,
+    check_domain_names,
     job_ranks,
     mean_hidden_rows,
     planned,
@@ -132,16 +133,8 @@ def check_domains(cfg: FlexOlmoConfig) -> list[str]:
         raise ValueError(f"owners=[]: FlexOLMo needs at least 1 data owner, a domain of data.domains ({known})")
     if not public:
         raise ValueError("public.domains=[]: name the public data (domains of data.domains), e.g. [prose,wiki]")
-    for what, names in (("owners", owners), ("public.domains", public)):
-        twice = sorted({name for name in names if names.count(name) > 1})
-        if twice:
-            raise ValueError(f"{what}={names}: {', '.join(twice)} given twice; name each once")
-        unknown = [name for name in names if name not in known]
-        if unknown:
-            raise ValueError(
-                f"{what}: unknown domain(s) {', '.join(map(repr, unknown))}; the known ones (data.domains): "
-                f"{', '.join(known)} (add a recipe domain to data.domains to use it)"
-            )
+    check_domain_names("owners", owners, known)
+    check_domain_names("public.domains", public, known)
     both = [name for name in owners if name in public]
     if both:
         raise ValueError(

@@ -47,7 +47,16 @@ from connito.orchestration.config import LauncherConfig
 from connito.orchestration.jobs import Job, Stage, current_status
 from connito.orchestration.overrides import changed_overrides, override_value
 from connito.orchestration.plan import Plan
-from connito.orchestration.recipe import WEIGHTS, job_ranks, planned, require_done, run_root, stage_job, train_job
+from connito.orchestration.recipe import (
+    WEIGHTS,
+    check_domain_names,
+    job_ranks,
+    planned,
+    require_done,
+    run_root,
+    stage_job,
+    train_job,
+)
 from connito.training.config import RunConfig
 
 log = logging.getLogger("connito.orchestration")
@@ -150,15 +159,7 @@ def group_domains(cfg: GroupsConfig) -> list[str]:
             f"domains={domains}: expert groups split the experts among at least 2 domains; to adapt to one domain "
             "use `connito adapt method=esft`"
         )
-    twice = sorted({d for d in domains if domains.count(d) > 1})
-    if twice:
-        raise ValueError(f"domains={domains}: {', '.join(twice)} given twice; name each once")
-    unknown = [d for d in domains if d not in known]
-    if unknown:
-        raise ValueError(
-            f"domains: unknown domain(s) {', '.join(map(repr, unknown))}; the known ones (data.domains): "
-            f"{', '.join(known)} (add a recipe domain to data.domains to use it)"
-        )
+    check_domain_names("domains", domains, known)
     return domains
 
 

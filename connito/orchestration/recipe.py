@@ -16,6 +16,20 @@ from connito.training.config import RunConfig
 WEIGHTS = "model.safetensors"
 
 
+def check_domain_names(what: str, names: list[str], known: list[str]) -> None:
+    """``ValueError`` naming the fix when ``names`` (the option ``what``) repeats a domain or names one that is not
+    in ``known`` (``data.domains``)."""
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"{what}={names}: {', '.join(twice)} given twice; name each once")
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(
+            f"{what}: unknown domain(s) {', '.join(map(repr, unknown))}; the known ones (data.domains): "
+            f"{', '.join(known)} (add a recipe domain to data.domains to use it)"
+        )
+
+
 def run_root(run: RunConfig) -> Path:
     """The pipeline's directory: ``<run.root>/<run.name>``, absolute (jobs may run elsewhere)."""
     return (Path(run.root) / run.name).resolve()
