@@ -33,6 +33,6 @@ def small(command: str, tmp_path: Path, data_cache: Path, name: str, *extra: str
     ]  # fmt: skip
 
 
-def connito(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "connito", *args], cwd=cwd, env=clean_env(), capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+def connito(args: list[str], cwd: Path, timeout: int = 900, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "connito", *args], cwd=cwd, env=clean_env(**env),
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip

@@ -17,7 +17,7 @@ from connito.orchestration import OrchestrationError, read_plan
 from connito.orchestration.btx import BtxConfig, plan_btx, run_merge
 from connito.orchestration.jobs import read_state
 from connito.orchestration.plan import write_plan
-from tests.helpers import clean_env
+from tests.helpers import REPO, clean_env
 from tests.orchestration import pipelines
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -88,21 +88,27 @@ def test_a_killed_branch_is_rerun_alone_and_the_merge_equals_an_uninterrupted_ru
     assert whole.returncode == 0, whole.stderr[-3000:]
     root = tmp_path / "killed"
     seed = f"seed.path={tmp_path / 'whole' / 'seed' / 'hf'}"
-    args = small(tmp_path, data_cache, "killed", seed, train=[*pipelines.TRAIN, "train.checkpoint_every=2"])
-    first = subprocess.Popen([sys.executable, "-m", "connito", *args], cwd=tmp_path, env=clean_env(),
+    # The branch holds still after its step-2 checkpoint (tests/training/pause_callback.py), so the kill lands
+    # mid-training however fast the machine is.
+    pause = ["train.checkpoint_every=2", "plugins=[tests.training.pause_callback]", "+callbacks.pause.at_step=2",
+             "+callbacks.pause.run=branch-code"]  # fmt: skip
+    args = small(tmp_path, data_cache, "killed", seed, train=[*pipelines.TRAIN, *pause])
+    env = clean_env(PYTHONPATH=str(REPO))  # the pause callback's module is importable from the repository
+    first = subprocess.Popen([sys.executable, "-m", "connito", *args], cwd=tmp_path, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    checkpoint = root / "branch-code" / "checkpoints" / "step_000002" / "COMPLETE"
+    paused = root / "branch-code" / "paused"
     deadline = time.monotonic() + 600
-    while not checkpoint.exists() and time.monotonic() < deadline and first.poll() is None:
+    while not paused.exists() and time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.2)
-    assert checkpoint.exists(), first.communicate()[0][-3000:]
+    assert paused.exists(), first.communicate()[0][-3000:]
+    assert (root / "branch-code" / "checkpoints" / "step_000002" / "COMPLETE").exists()
     os.killpg(os.getpgid(read_state(root, "branch-code").pid), signal.SIGKILL)  # the branch job, not the orchestrator
     out, _ = first.communicate(timeout=600)
     assert first.returncode == 1
     assert "branch-code: lost" in out and "nothing was merged" in out, out[-3000:]
     assert not (root / "merged").exists()
     assert read_state(root, "branch-docs").status == "done"  # the stage's other job still ran to its end
-    again = btx(args, tmp_path)
+    again = btx(args, tmp_path, PYTHONPATH=str(REPO))
     assert again.returncode == 0, again.stderr[-3000:]
     assert read_state(root, "branch-code").attempt == 2 and read_state(root, "branch-docs").attempt == 1
     assert "resumed from" in (root / "logs" / "branch-code.log").read_text()
