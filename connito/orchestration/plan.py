@@ -100,11 +100,23 @@ def first_changed_stage(old: Plan, new: Plan) -> int | None:
     return None
 
 
+def _check_workdirs(root: Path, plan: Plan) -> None:
+    """A job's workdir is deleted when the job runs again: it must not hold the pipeline's own directory."""
+    top = root.resolve()
+    for job in plan.jobs():
+        if job.workdir and (top == Path(job.workdir).resolve() or top.is_relative_to(Path(job.workdir).resolve())):
+            raise OrchestrationError(
+                f"job {job.name}: its workdir {job.workdir} holds the pipeline directory {root}, and a rerun deletes "
+                "a job's workdir; give the job a directory of its own under the pipeline's"
+            )
+
+
 def write_plan(root: Path, plan: Plan, *, replace: bool = False) -> int | None:
     """Write ``plan`` into ``root``. An existing plan must have the same kind and pipeline-wide settings (unless
     ``replace``); returns the index of the first stage that changed against it (None: nothing changed, or no
     plan was there), whose jobs and every later stage's must run again."""
     root = Path(root)
+    _check_workdirs(root, plan)
     path = root / PLAN_FILE
     changed = None
     if path.is_file() and not replace:
