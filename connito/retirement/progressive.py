@@ -1,0 +1,529 @@
+"""``callbacks.progressive_prune``: task-specific progressive expert pruning during fine-tuning (Chen et al. 2022;
+the EMA criterion of the MC-SMoE reproduction), down to ``target`` experts per MoE layer, then checkpoint surgery::
+
+    connito train model.path=runs/quickstart/hf data=code optim=finetune train.steps=300 \\
+        +callbacks.progressive_prune.target=1 +callbacks.progressive_prune.window=20
+
+**Usage.** The callback subscribes to the run's router observer (:meth:`Trainer.router_observer`) and counts, per
+optimizer step, how many of the routed top-k choices of the step's training tokens went to each *surviving* expert
+(ESFT's token-selection count; validation forwards are not counted). The step's share per layer
+``f_e = count_e / sum over survivors`` feeds an exponential moving average per (layer, expert),
+``u <- ema * u + (1 - ema) * f`` (the first step sets ``u = f``).
+
+**Drops.** At the end of every window of ``window`` optimizer steps (global steps ``window``, ``2 * window``, ...),
+for the first ``W = floor(schedule_end * train.steps / window)`` windows, every MoE layer with ``n`` survivors:
+
+1. normalises the EMA over its survivors, ``p_e = u_e / sum_survivors u`` (uniform if all are 0);
+2. marks every survivor with ``p_e < beta / n`` (MC-SMoE's threshold, ``beta = 0.1``);
+3. drops ``d = clamp(max(#marked, n - cap(w)), 0, n - target)`` survivors, the lowest ``p`` first (ties: the higher
+   expert index goes first). ``cap(w) = E - floor((E - target) * w / W)`` is a linear schedule from E experts to
+   ``target`` at the last window: the threshold may prune faster than the schedule (never below ``target``), and
+   where it drops too few, the schedule forces the least-used ones out, so every layer holds exactly ``target``
+   experts after window W. The remaining ``(1 - schedule_end)`` of the run fine-tunes the pruned model.
+
+The pure parts are :func:`schedule_cap`, :func:`normalised_usage`, :func:`plan_drops` and :class:`PruneSchedule`.
+
+**Masking.** Dropped experts get an additive -inf on their router logits
+(:class:`connito.retirement.progressive_mask.AdditiveExpertMask`): surviving logits are bit-identical, so their
+order never changes, dead experts get softmax weight exactly 0 and can never be chosen over a survivor. When fewer
+experts than the model's top-k survive, the top-k's surplus picks are dead experts at weight 0, i.e. the model
+routes like one holding the survivors with ``top_k = survivors``.
+
+**Outputs.** ``<run>/progressive_prune.json`` (rank 0, rewritten at every window and at the end): the options, per
+window the step, the cap, the threshold, the normalised usage, the dropped experts and the alive mask (rows in
+``moe_layers`` order), and ``kept``: the surviving experts per layer. The trainer's HF export ``<run>/hf`` is the
+*full* model (every expert, no mask: its dead experts would route again); after it is written, the callback writes
+``<run>/pruned/``: the export without the dead experts (:func:`connito.composition.opt_out.save_without_experts`;
+``num_experts_per_tok`` lowered to the survivors where fewer than top-k are left), which plain transformers loads
+and which computes what the masked model computed, plus ``<run>/progressive_prune_report.md``. Only finished runs
+with ``train.export=true`` get ``pruned/``.
+
+**Resume.** The EMA, the alive mask, the windows done and the history are saved with every checkpoint
+(``state_dict``) and restored on resume, so a resumed run continues the schedule exactly. The counts of a step are
+reduced over ranks before the EMA sees them: every rank holds the same schedule.
+
+**Refused, with the fix**: ``target < 1``, ``target >= `` experts per layer, ``window < 1``, ``beta`` outside
+(0, 1), ``ema`` outside [0, 1), ``schedule_end`` outside (0, 1], a run too short for one window,
+``parallel.ep_size > 1`` (AutoEP layers), group-limited routing with several groups, DeepSeek-V3's top-2 group score
+with ``target < 2``, and ``callbacks.des_moe`` in the same run (it replaces the routers this edits).
+
+Shape legend: M MoE layers (``view.moe_layers`` order), E routed experts per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from connito.experts import ExpertView
+from connito.retirement.progressive_mask import AdditiveExpertMask, MaskError, check_maskable
+from connito.routing import RoutingRecord
+from connito.routing.edits import routing_rule
+from connito.training.callbacks import Callback, CallbackError, MicroBatch, register_callback
+
+if TYPE_CHECKING:
+    from connito.training.trainer import Trainer
+
+log = logging.getLogger("connito.retirement")
+
+SCHEMA = "connito.progressive_prune/1"
+JSON_FILE = "progressive_prune.json"
+REPORT_FILE = "progressive_prune_report.md"
+PRUNED_DIR = "pruned"
+OPTION = "callbacks.progressive_prune"
+
+
+# -- the schedule (pure) -----------------------------------------------------------------------------------------
+
+
+def schedule_cap(window: int, num_windows: int, num_experts: int, target: int) -> int:
+    """The most experts a layer may keep after window ``window`` (1-based) of ``num_windows``: linear from
+    ``num_experts`` (window 0) to ``target`` (window ``num_windows`` and after)."""
+    if window >= num_windows:
+        return target
+    return num_experts - math.floor((num_experts - target) * window / num_windows)
+
+
+def normalised_usage(ema_ME: torch.Tensor, alive_ME: torch.Tensor) -> torch.Tensor:
+    """[M, E] float64: the EMA normalised over each layer's survivors (0 for dead experts; uniform over the
+    survivors where their EMA sums to 0)."""
+    usage_ME = torch.where(alive_ME, ema_ME.double(), 0.0)
+    total_M1 = usage_ME.sum(dim=1, keepdim=True)
+    uniform_ME = alive_ME.double() / alive_ME.sum(dim=1, keepdim=True).clamp_min(1)
+    return torch.where(total_M1 > 0, usage_ME / total_M1.clamp_min(torch.finfo(torch.float64).tiny), uniform_ME)
+
+
+def plan_drops(usage_ME: torch.Tensor, alive_ME: torch.Tensor, *, beta: float, cap: int, target: int) -> torch.Tensor:
+    """[M, E] bool: the survivors dropped at the end of a window (see the module docstring, steps 2 and 3).
+    ``usage_ME`` is :func:`normalised_usage`; ``cap`` is :func:`schedule_cap` of the window."""
+    dropped_ME = torch.zeros_like(alive_ME, dtype=torch.bool)
+    for m in range(alive_ME.shape[0]):
+        alive = alive_ME[m].nonzero().flatten().tolist()
+        n = len(alive)
+        if n <= target:
+            continue
+        usage = {e: float(usage_ME[m, e]) for e in alive}
+        below = sum(1 for e in alive if usage[e] < beta / n)
+        drop = min(max(below, n - cap, 0), n - target)
+        order = sorted(alive, key=lambda e: (usage[e], -e))  # lowest usage first; ties: higher index first
+        dropped_ME[m, order[:drop]] = True
+    return dropped_ME
+
+
+@dataclass
+class PruneSchedule:
+    """The state of a progressive pruning run: EMA usage, alive mask, windows done, what each window did.
+
+    :meth:`observe` takes one optimizer step's selection counts [M, E]; :meth:`end_window` drops experts."""
+
+    moe_layers: list[int]
+    num_experts: int
+    target: int
+    num_windows: int
+    beta: float = 0.1
+    ema: float = 0.9
+    ema_ME: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    alive_ME: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    steps_observed: int = 0
+    windows_done: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        shape = (len(self.moe_layers), self.num_experts)
+        if self.ema_ME is None:
+            self.ema_ME = torch.zeros(shape, dtype=torch.float64)
+        if self.alive_ME is None:
+            self.alive_ME = torch.ones(shape, dtype=torch.bool)
+
+    @property
+    def finished(self) -> bool:
+        return self.windows_done >= self.num_windows
+
+    def observe(self, counts_ME: torch.Tensor) -> None:
+        """One step's token-selection counts; dead experts' counts are ignored. A layer that routed no token to a
+        survivor keeps its EMA."""
+        counts_ME = torch.where(self.alive_ME, counts_ME.detach().to("cpu", torch.float64), 0.0)
+        total_M1 = counts_ME.sum(dim=1, keepdim=True)
+        share_ME = counts_ME / total_M1.clamp_min(1.0)
+        seen_M1 = total_M1 > 0
+        if self.steps_observed == 0:
+            new_ME = share_ME
+        else:
+            new_ME = self.ema * self.ema_ME + (1.0 - self.ema) * share_ME
+        self.ema_ME = torch.where(seen_M1 & self.alive_ME, new_ME, self.ema_ME)
+        self.steps_observed += 1
+
+    def end_window(self, step: int) -> torch.Tensor:
+        """Drop experts at the end of the next window (``step``: the global step it ends at); returns the dropped
+        [M, E] mask and records the window in :attr:`history`."""
+        if self.finished:
+            raise ValueError(f"the schedule has done its {self.num_windows} windows")
+        window = self.windows_done + 1
+        cap = schedule_cap(window, self.num_windows, self.num_experts, self.target)
+        usage_ME = normalised_usage(self.ema_ME, self.alive_ME)
+        n_M = self.alive_ME.sum(dim=1)
+        dropped_ME = plan_drops(usage_ME, self.alive_ME, beta=self.beta, cap=cap, target=self.target)
+        self.alive_ME = self.alive_ME & ~dropped_ME
+        self.ema_ME = torch.where(self.alive_ME, self.ema_ME, 0.0)
+        self.windows_done = window
+        self.history.append(
+            {
+                "window": window,
+                "step": int(step),
+                "cap": cap,
+                "threshold": {str(layer): self.beta / int(n_M[m]) for m, layer in enumerate(self.moe_layers)},
+                "usage": {str(layer): usage_ME[m].tolist() for m, layer in enumerate(self.moe_layers)},
+                "dropped": {
+                    str(layer): dropped_ME[m].nonzero().flatten().tolist() for m, layer in enumerate(self.moe_layers)
+                },
+                "alive_mask": self.alive_ME.int().tolist(),
+            }
+        )
+        return dropped_ME
+
+    def kept(self) -> dict[int, list[int]]:
+        """The surviving experts of every MoE layer, in index order."""
+        return {layer: self.alive_ME[m].nonzero().flatten().tolist() for m, layer in enumerate(self.moe_layers)}
+
+    def state_dict(self) -> dict:
+        return {
+            "ema": self.ema_ME.clone(),
+            "alive": self.alive_ME.clone(),
+            "steps_observed": self.steps_observed,
+            "windows_done": self.windows_done,
+            "history": json.loads(json.dumps(self.history)),
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if tuple(state["alive"].shape) != tuple(self.alive_ME.shape):
+            raise CallbackError(
+                f"{OPTION}: the checkpoint's schedule is for {tuple(state['alive'].shape)} (MoE layers x experts), "
+                f"this model has {tuple(self.alive_ME.shape)}: resume the run with the model it started with"
+            )
+        self.ema_ME = state["ema"].to(torch.float64).clone()
+        self.alive_ME = state["alive"].to(torch.bool).clone()
+        self.steps_observed = int(state["steps_observed"])
+        self.windows_done = int(state["windows_done"])
+        self.history = list(state["history"])
+
+
+# -- the surgery -------------------------------------------------------------------------------------------------
+
+
+def write_pruned(export_dir: str | Path, kept: Mapping[int, list[int]], out_dir: str | Path) -> dict:
+    """Write the checkpoint at ``export_dir`` keeping only ``kept`` experts per MoE layer (every layer as many) to
+    ``out_dir`` (replaced if it exists), with ``num_experts_per_tok`` lowered to the survivors where fewer than
+    top-k are left. Returns what it did: ``top_k`` before and after, ``kept``, ``removed``."""
+    from transformers import AutoConfig
+
+    from connito.composition.opt_out import PROVENANCE_FILE, save_without_experts
+    from connito.models.families import get_family
+    from connito.models.loading import validate_checkpoint_dir
+
+    export_dir, out_dir = Path(export_dir).resolve(), Path(out_dir).resolve()
+    validate_checkpoint_dir(export_dir)
+    config = AutoConfig.from_pretrained(export_dir, local_files_only=True)
+    layout = get_family(config.model_type).layout
+    num_experts, top_k = int(getattr(config, layout.num_experts_key)), int(getattr(config, layout.top_k_key))
+    sizes = {len(experts) for experts in kept.values()}
+    if len(sizes) != 1:
+        raise CallbackError(
+            f"{OPTION}: the layers keep different numbers of experts ({ {k: len(v) for k, v in kept.items()} }); "
+            "a transformers config has one expert count. Let the schedule run to its last window"
+        )
+    size = sizes.pop()
+    removed = [(layer, e) for layer, experts in kept.items() for e in range(num_experts) if e not in experts]
+    new_top_k = min(top_k, size)
+    if new_top_k == top_k:
+        save_without_experts(export_dir, removed, out_dir, overwrite=True)
+    else:  # the same checkpoint with top-k lowered to what is left: a staged view of its files, a new config.json
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".progressive-source-", dir=out_dir.parent) as tmp:
+            source = Path(tmp)
+            for file in export_dir.iterdir():
+                if file.is_file() and file.name != "config.json":
+                    (source / file.name).symlink_to(file)
+            setattr(config, layout.top_k_key, new_top_k)
+            config.save_pretrained(source)
+            save_without_experts(source, removed, out_dir, overwrite=True)
+    provenance_file = out_dir / PROVENANCE_FILE
+    provenance = json.loads(provenance_file.read_text())
+    provenance.update(source=str(export_dir), top_k={"before": top_k, "after": new_top_k}, method=SCHEMA)
+    provenance_file.write_text(json.dumps(provenance, indent=2) + "\n")
+    return {
+        "top_k": {"before": top_k, "after": new_top_k},
+        "kept": {str(k): v for k, v in kept.items()},
+        "removed": removed,
+    }
+
+
+def _numel(checkpoint: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(checkpoint.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                total += math.prod(f.get_slice(name).get_shape())
+    return total
+
+
+# -- the callback ------------------------------------------------------------------------------------------------
+
+
+@register_callback("progressive_prune")
+class ProgressivePrune(Callback):
+    """Options: ``target`` (experts kept per MoE layer at the end, >= 1), ``window`` (optimizer steps per window),
+    ``beta`` (threshold factor, 0.1), ``ema`` (EMA decay per step, 0.9), ``schedule_end`` (share of
+    ``train.steps`` by which the schedule reaches ``target``, 0.75), ``write_pruned`` (the surgery at the end, true).
+    See the module docstring."""
+
+    def __init__(
+        self,
+        target: int,
+        window: int,
+        beta: float = 0.1,
+        ema: float = 0.9,
+        schedule_end: float = 0.75,
+        write_pruned: bool = True,
+    ):
+        if not isinstance(target, int) or isinstance(target, bool) or target < 1:
+            raise CallbackError(
+                f"{OPTION}.target={target!r}: keep at least one expert per MoE layer (an integer target >= 1)"
+            )
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise CallbackError(
+                f"{OPTION}.window={window!r}: a window is a positive whole number of optimizer steps (e.g. window=10)"
+            )
+        if not 0.0 < float(beta) < 1.0:
+            raise CallbackError(
+                f"{OPTION}.beta={beta!r}: the threshold beta / n_alive needs beta in (0, 1); MC-SMoE uses beta=0.1"
+            )
+        if not 0.0 <= float(ema) < 1.0:
+            raise CallbackError(f"{OPTION}.ema={ema!r}: the EMA decay per step must be in [0, 1) (0.9 by default)")
+        if not 0.0 < float(schedule_end) <= 1.0:
+            raise CallbackError(
+                f"{OPTION}.schedule_end={schedule_end!r}: the share of train.steps by which every layer is down to "
+                "target must be in (0, 1] (0.75 by default: the last quarter fine-tunes the pruned model)"
+            )
+        self.target, self.window = target, window
+        self.beta, self.ema, self.schedule_end = float(beta), float(ema), float(schedule_end)
+        self.write_pruned = bool(write_pruned)
+        self.schedule: PruneSchedule | None = None
+        self.mask: AdditiveExpertMask | None = None
+        self.top_k = 0
+        self.pruned_dir: Path | None = None
+        self._index: dict[int, int] = {}
+        self._counts_ME: torch.Tensor | None = None
+        self._counting = False
+
+    # -- setup -----------------------------------------------------------------------------------------------------
+    def options(self) -> dict:
+        return {
+            "target": self.target,
+            "window": self.window,
+            "beta": self.beta,
+            "ema": self.ema,
+            "schedule_end": self.schedule_end,
+        }
+
+    def on_model_built(self, trainer: Trainer, model: torch.nn.Module) -> None:
+        cfg = trainer.cfg
+        if cfg.parallel.ep_size != 1:
+            raise CallbackError(
+                f"{OPTION} needs parallel.ep_size=1, not {cfg.parallel.ep_size}: its mask edits transformers routers "
+                "and the surgery reads the full export; AutoEP's routers are not covered. Use parallel.ep_size=1 "
+                "(ZeRO 1/2 still shard the optimizer over data-parallel ranks)"
+            )
+        if "des_moe" in cfg.callbacks:
+            raise CallbackError(
+                f"{OPTION} and callbacks.des_moe cannot run together: DES-MoE replaces the routers the pruning mask "
+                "edits. Run DES-MoE first, then prune its export"
+            )
+        view = ExpertView(model)
+        if self.target >= view.num_experts:
+            raise CallbackError(
+                f"{OPTION}.target={self.target}: the model has {view.num_experts} experts per MoE layer; set a target "
+                f"below it (1 to {view.num_experts - 1}) to prune any"
+            )
+        try:
+            check_maskable(view)
+        except MaskError as err:
+            raise CallbackError(f"{OPTION}: {err}") from None
+        rule = routing_rule(view, view.moe_layers[0])
+        if rule.groups is not None and rule.group_score == "top2_sum" and self.target < 2:
+            raise CallbackError(
+                f"{OPTION}.target={self.target}: {view.family.model_type} scores its expert group by the sum of its "
+                "two best experts, so a layer must keep at least 2: set target >= 2"
+            )
+        num_windows = math.floor(self.schedule_end * cfg.train.steps / self.window)
+        if num_windows < 1:
+            raise CallbackError(
+                f"{OPTION}.window={self.window} is longer than schedule_end x train.steps = {self.schedule_end} x "
+                f"{cfg.train.steps}: no window would end in time. Lower window (at most "
+                f"{max(1, math.floor(self.schedule_end * cfg.train.steps))}) or raise train.steps"
+            )
+        if num_windows < 2 and view.num_experts - self.target > 1 and trainer.info.is_main:
+            log.warning("%s: one window drops %d experts per layer at once", OPTION, view.num_experts - self.target)
+        self.top_k = view.top_k
+        self._index = {layer: m for m, layer in enumerate(view.moe_layers)}
+        self.schedule = PruneSchedule(
+            view.moe_layers, view.num_experts, self.target, num_windows, beta=self.beta, ema=self.ema
+        )
+
+    def on_engine_built(self, trainer: Trainer) -> None:
+        model = trainer.engine.module
+        self.mask = AdditiveExpertMask(model, view=ExpertView(model))
+        self._subscription = trainer.router_observer().subscribe(self._count)
+        if self.write_pruned:
+            trainer.callbacks.append(_AfterExport(self))  # the one event after the HF export: appended last
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule.load_state_dict(state)
+        self.mask.set_dead(~self.schedule.alive_ME)
+
+    def state_dict(self) -> dict:
+        return self.schedule.state_dict() if self.schedule is not None else {}
+
+    # -- counting --------------------------------------------------------------------------------------------------
+    def on_micro_batch(self, trainer: Trainer, batch: MicroBatch) -> None:
+        self._counting = True
+
+    def _count(self, record: RoutingRecord) -> None:
+        if not self._counting:  # validation forwards and anything else outside a training step
+            return
+        ids_TK = record.topk_ids_TK.detach()
+        if self._counts_ME is None:
+            self._counts_ME = torch.zeros(
+                len(self._index), self.schedule.num_experts, dtype=torch.float64, device=ids_TK.device
+            )
+        counts_E = torch.bincount(ids_TK.flatten(), minlength=self.schedule.num_experts)
+        self._counts_ME[self._index[record.layer]] += counts_E.to(torch.float64)
+
+    def on_step_end(self, trainer: Trainer, losses: Mapping[str, float]) -> None:
+        self._counting = False
+        schedule = self.schedule
+        counts_ME = self._counts_ME
+        if counts_ME is None:
+            counts_ME = torch.zeros(schedule.alive_ME.shape, dtype=torch.float64, device=trainer.engine.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:  # every rank holds the same schedule
+            dist.all_reduce(counts_ME)
+        schedule.observe(counts_ME)
+        self._counts_ME = None
+        step = trainer.state.step
+        if step % self.window or schedule.finished:
+            return
+        schedule.end_window(step)
+        self.mask.set_dead(~schedule.alive_ME)
+        if trainer.info.is_main:
+            dropped = {layer: e for layer, e in schedule.history[-1]["dropped"].items() if e}
+            alive = schedule.alive_ME.sum(dim=1).tolist()
+            log.info(
+                "progressive pruning, window %d/%d (step %d): dropped %s; experts alive per layer %s",
+                schedule.windows_done, schedule.num_windows, step, dropped or "none", alive,
+            )  # fmt: skip
+            self.write_json(trainer)
+
+    def on_metrics(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        alive_M = self.schedule.alive_ME.sum(dim=1).double()
+        metrics["prune/alive_mean"] = float(alive_M.mean())
+        metrics["prune/alive_max"] = float(alive_M.max())
+        metrics["prune/windows_done"] = float(self.schedule.windows_done)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if trainer.info.is_main:
+            self.write_json(trainer)
+
+    # -- outputs ---------------------------------------------------------------------------------------------------
+    def record(self, trainer: Trainer) -> dict:
+        schedule = self.schedule
+        return {
+            "schema": SCHEMA,
+            "options": self.options(),
+            "train_steps": trainer.cfg.train.steps,
+            "num_windows": schedule.num_windows,
+            "windows_done": schedule.windows_done,
+            "moe_layers": schedule.moe_layers,
+            "num_experts": schedule.num_experts,
+            "top_k": self.top_k,
+            "windows": schedule.history,
+            "alive_mask": schedule.alive_ME.int().tolist(),
+            "kept": {str(layer): experts for layer, experts in schedule.kept().items()},
+            "pruned_dir": str(self.pruned_dir) if self.pruned_dir else None,
+        }
+
+    def write_json(self, trainer: Trainer) -> Path:
+        path = trainer.run_dir / JSON_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.record(trainer), indent=1) + "\n")
+        tmp.replace(path)
+        return path
+
+    def after_export(self, trainer: Trainer) -> None:
+        """Rank 0, after the trainer's HF export of a finished run: ``<run>/pruned/`` and the report."""
+        result, schedule = trainer.result, self.schedule
+        if not result.finished:
+            return
+        if result.export_dir is None:
+            log.warning("%s: no pruned checkpoint: the surgery reads the HF export and train.export=false", OPTION)
+            return
+        if not schedule.finished:
+            log.warning(
+                "%s: the schedule did %d of its %d windows (train.steps changed on resume?): no pruned checkpoint",
+                OPTION, schedule.windows_done, schedule.num_windows,
+            )  # fmt: skip
+            return
+        out = trainer.run_dir / PRUNED_DIR
+        done = write_pruned(result.export_dir, schedule.kept(), out)
+        self.pruned_dir = out
+        self.write_json(trainer)
+        report = self.report(trainer, done, _numel(Path(result.export_dir)), _numel(out))
+        (trainer.run_dir / REPORT_FILE).write_text(report)
+        print(report, flush=True)
+
+    def report(self, trainer: Trainer, done: dict, numel_before: int, numel_after: int) -> str:
+        schedule = self.schedule
+        lines = [
+            "## Progressive pruning",
+            "",
+            f"{schedule.num_experts} -> {self.target} experts per MoE layer over {schedule.num_windows} windows of "
+            f"{self.window} steps (beta {self.beta}, EMA {self.ema}); top-k {done['top_k']['before']} -> "
+            f"{done['top_k']['after']}; parameters {numel_before:,} -> {numel_after:,}.",
+            "",
+            "| window | step | cap | alive per layer | dropped |",
+            "|---|---|---|---|---|",
+        ]
+        for entry in schedule.history:
+            alive = [sum(row) for row in entry["alive_mask"]]
+            dropped = "; ".join(f"{layer}: {e}" for layer, e in entry["dropped"].items() if e) or "-"
+            lines.append(f"| {entry['window']} | {entry['step']} | {entry['cap']} | {alive} | {dropped} |")
+        lines += ["", "Kept experts (old ids; the pruned checkpoint numbers them 0..n-1 in this order):", ""]
+        lines += [f"- layer {layer}: {experts}" for layer, experts in schedule.kept().items()]
+        validation = trainer.result.validation
+        if validation:
+            cells = ", ".join(f"{k} {v:.3f}" for k, v in validation.items())
+            lines += ["", f"Validation loss of the masked model (= the pruned checkpoint): {cells}"]
+        lines += ["", f"pruned checkpoint: {self.pruned_dir}", f"schedule:          {trainer.run_dir / JSON_FILE}", ""]
+        return "\n".join(lines)
+
+
+class _AfterExport(Callback):
+    """Appended after the trainer's built-in callbacks, so its ``on_train_end`` runs after the Exporter's."""
+
+    def __init__(self, owner: ProgressivePrune):
+        self.owner = owner
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if trainer.info.is_main:
+            self.owner.after_export(trainer)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
