@@ -384,8 +384,6 @@ class ProgressivePrune(Callback):
         model = trainer.engine.module
         self.mask = AdditiveExpertMask(model, view=ExpertView(model))
         self._subscription = trainer.router_observer().subscribe(self._count)
-        if self.write_pruned:
-            trainer.callbacks.append(_AfterExport(self))  # the one event after the HF export: appended last
 
     def load_state_dict(self, state: dict) -> None:
         self.schedule.load_state_dict(state)
@@ -442,6 +440,8 @@ class ProgressivePrune(Callback):
     def on_train_end(self, trainer: Trainer) -> None:
         if trainer.info.is_main:
             self.write_json(trainer)
+            if self.write_pruned and trainer.result.finished and not trainer.cfg.train.export:
+                log.warning("%s: no pruned checkpoint: the surgery reads the HF export and train.export=false", OPTION)
 
     # -- outputs ---------------------------------------------------------------------------------------------------
     def record(self, trainer: Trainer) -> dict:
@@ -468,14 +468,15 @@ class ProgressivePrune(Callback):
         tmp.replace(path)
         return path
 
+    def on_exported(self, trainer: Trainer, export_dir) -> None:
+        if self.write_pruned and trainer.info.is_main:
+            self.after_export(trainer)
+        if self.write_pruned and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+
     def after_export(self, trainer: Trainer) -> None:
         """Rank 0, after the trainer's HF export of a finished run: ``<run>/pruned/`` and the report."""
         result, schedule = trainer.result, self.schedule
-        if not result.finished:
-            return
-        if result.export_dir is None:
-            log.warning("%s: no pruned checkpoint: the surgery reads the HF export and train.export=false", OPTION)
-            return
         if not schedule.finished:
             log.warning(
                 "%s: the schedule did %d of its %d windows (train.steps changed on resume?): no pruned checkpoint",
@@ -514,16 +515,3 @@ class ProgressivePrune(Callback):
             lines += ["", f"Validation loss of the masked model (= the pruned checkpoint): {cells}"]
         lines += ["", f"pruned checkpoint: {self.pruned_dir}", f"schedule:          {trainer.run_dir / JSON_FILE}", ""]
         return "\n".join(lines)
-
-
-class _AfterExport(Callback):
-    """Appended after the trainer's built-in callbacks, so its ``on_train_end`` runs after the Exporter's."""
-
-    def __init__(self, owner: ProgressivePrune):
-        self.owner = owner
-
-    def on_train_end(self, trainer: Trainer) -> None:
-        if trainer.info.is_main:
-            self.owner.after_export(trainer)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()

@@ -1,6 +1,7 @@
 """Callbacks and loss terms: how methods plug into the one trainer (see :mod:`.base`)."""
 
-from connito.training.callbacks import trainable  # noqa: F401  (registers the built-in "trainable" callback)
+# registers the built-in callbacks "trainable", "expert_choice" and "expert_threshold"
+from connito.training.callbacks import routing_modes, trainable  # noqa: F401
 from connito.training.callbacks.base import (
     Callback,
     CallbackError,

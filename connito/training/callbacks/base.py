@@ -37,7 +37,9 @@ Events, in the order a run sees them (``trainer`` is :class:`connito.training.tr
 * ``on_train_end(trainer)``: once, when the loop stops (finished or not);
 * ``on_export(trainer, state_dict)``: on rank 0, right before the HF export of a finished run is written: edit the
   model's ``state_dict`` (transformers names) in place, e.g. fold a router variant back into the family's router and
-  drop what plain transformers cannot load. Files a callback writes into ``trainer.result.export_dir`` stay.
+  drop what plain transformers cannot load. Files a callback writes into ``trainer.result.export_dir`` stay;
+* ``on_exported(trainer, export_dir)``: on every rank, once that export is on disk: build on it (the progressive
+  pruning callback writes its pruned checkpoint here).
 
 Callback state must be the same on every rank (reduce it first): rank 0's is saved, every rank loads it.
 """
@@ -118,6 +120,11 @@ class Callback:
         pass
 
     def on_export(self, trainer: Trainer, state_dict: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def on_exported(self, trainer: Trainer, export_dir) -> None:
+        """After the HF export of a finished run is written (every rank; ``export_dir`` is ``<run>/hf``): build on
+        it here (a pruned copy, a report)."""
         pass
 
     def state_dict(self) -> dict:

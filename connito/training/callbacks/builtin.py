@@ -123,6 +123,8 @@ class Exporter(Callback):
                 edit=edit,
                 start=trainer.cfg.model.path or None,
             )
+            for callback in trainer.callbacks:
+                callback.on_exported(trainer, result.export_dir)
         if trainer.info.is_main:
             write_summary(result, trainer.family.model_type)
 
