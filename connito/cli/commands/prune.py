@@ -1,7 +1,7 @@
-"""``connito prune checkpoint=<dir> analysis_path=<analysis.json> keep=<n> out=<dir>``: one-shot pruning by usage
-(:mod:`connito.retirement.pruning`): keep the ``keep`` most-used experts of every MoE layer, write the checkpoint
-without the others, and measure held-out loss per domain before and after (``prune_report.json`` / ``.md`` in
-``out``)."""
+"""``connito prune checkpoint=<dir> analysis_path=<analysis.json> keep=<n> out=<dir>``: one-shot pruning
+(:mod:`connito.retirement.pruning`): keep the ``keep`` highest-scoring experts of every MoE layer (by usage from an
+analysis, or by REAP saliency measured on calibration text with ``score=reap``), write the checkpoint without the
+others, and measure held-out loss per domain before and after (``prune_report.json`` / ``.md`` in ``out``)."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,11 +24,17 @@ class PruneConfig:
     keep: int = 0
     """Experts to keep in every MoE layer (required): at least the model's top-k, fewer than it has."""
     score: str = "token"
-    """Usage: ``token`` (ESFT token-selection ratio: how often the router chose the expert) or ``gate`` (ESFT
-    average gate score)."""
+    """Usage from the analysis: ``token`` (ESFT token-selection ratio: how often the router chose the expert) or
+    ``gate`` (ESFT average gate score); or ``reap``: REAP saliency (mean over the tokens routed to the expert of
+    gate weight x expert output norm), measured on ``calibration_tokens`` of ``data`` (no analysis needed)."""
     domains: list[str] = field(default_factory=list)
-    """The workload: the domains whose usage counts (pooled, token-weighted). Empty: every domain the analysis
-    scored."""
+    """The workload: the domains whose usage counts (pooled, token-weighted), or whose text calibrates REAP.
+    Empty: every domain the analysis scored (``reap``: every domain of ``data.domains``)."""
+    calibration_tokens: int = 32768
+    """``score=reap``: calibration tokens per workload domain (rows spread evenly over ``calibration_split``)."""
+    calibration_split: str = "train"
+    """``score=reap``: the packed split the calibration text comes from (``train``: the held-out loss is measured
+    on ``validation``, text the saliency never saw)."""
     out: str = ""
     """Where the pruned checkpoint goes (required): a new or empty directory unless ``overwrite``."""
     overwrite: bool = False
@@ -61,13 +67,24 @@ def run(cfg: PruneConfig, run_dir: Path) -> None:
             "connito prune needs checkpoint=<dir>, keep=<experts per layer> and out=<dir> (analysis_path=<its "
             f"analysis.json> unless it is <checkpoint>/analysis); missing: {', '.join(missing)}"
         )
-    analysis = cfg.analysis_path or default_analysis(Path(cfg.checkpoint))
-    out, plan = prune_checkpoint(cfg.checkpoint, analysis, cfg.keep, cfg.out, score=cfg.score,
+    analysis, calibration = None, None
+    if cfg.score == "reap":
+        workload = list(cfg.domains or cfg.data.domains)
+        calibration = held_out_batches(cfg.data, cfg.checkpoint, domains=workload, split=cfg.calibration_split,
+                                       eval_tokens=cfg.calibration_tokens * len(workload))  # fmt: skip
+    else:
+        analysis = cfg.analysis_path or default_analysis(Path(cfg.checkpoint))
+    out, plan = prune_checkpoint(cfg.checkpoint, analysis, cfg.keep, cfg.out, score=cfg.score, calibration=calibration,
                                  domains=cfg.domains or None, overwrite=cfg.overwrite)  # fmt: skip
     kept = {str(layer): experts for layer, experts in plan.kept.items()}
     record = {"schema": "connito.prune/1", "checkpoint": str(Path(cfg.checkpoint).resolve()), "keep": cfg.keep,
-              "score": cfg.score, "kept": kept, "removed": [list(e) for e in plan.removed]}  # fmt: skip
-    text = [f"# Pruned to {cfg.keep} experts per MoE layer (by {cfg.score} usage)\n", "kept per layer: " + str(kept)]
+              "score": cfg.score, "kept": kept, "removed": [list(e) for e in plan.removed],
+              "scores": plan.usage_LE.tolist()}  # fmt: skip
+    by = "REAP saliency" if cfg.score == "reap" else f"{cfg.score} usage"
+    text = [f"# Pruned to {cfg.keep} experts per MoE layer (by {by})\n", "kept per layer: " + str(kept)]
+    if calibration is not None:
+        record["calibration"] = {"split": cfg.calibration_split, "domains": calibration.domains,
+                                 "tokens": sum(int(batch.numel()) for batch in calibration.inputs)}  # fmt: skip
     if cfg.eval_tokens > 0:
         domains = list(cfg.data.domains)  # every domain: what a workload-specific prune costs the others too
         held_out = held_out_batches(
@@ -88,7 +105,8 @@ def run(cfg: PruneConfig, run_dir: Path) -> None:
 
 COMMAND = Command(
     name="prune",
-    summary="one-shot pruning: keep the n most-used experts per layer (from an analysis), with before/after loss",
+    summary="one-shot pruning: keep the n most-used (analysis) or most salient (REAP) experts per layer, with "
+    "before/after loss",
     config_name="prune",
     schema=PruneConfig,
     run=run,
