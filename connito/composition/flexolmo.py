@@ -16,8 +16,8 @@ expert as expert i, with router rows ``[public row, owner rows...]``::
     with OptOut(model, in_every_layer(*owner_experts("flexolmo", ["math"]))):  # opt an owner out
         ...
 
-Opting out is :mod:`connito.composition.opt_out`: :class:`~connito.composition.opt_out.OptOut` (a router edit)
-and :func:`~connito.composition.opt_out.save_without_experts` (the smaller checkpoint), which agree bit for bit;
+Opting out is :mod:`connito.routing.opt_out`: :class:`~connito.routing.opt_out.OptOut` (a router edit)
+and :func:`~connito.routing.opt_out.save_without_experts` (the smaller checkpoint), which agree bit for bit;
 :func:`owner_experts` maps owner names to the expert indices they take.
 
 **Decisions.**

@@ -14,12 +14,12 @@ Stages (each a set of jobs, each job one ``connito`` command with its own direct
   (public FFN = expert 0, owner i = expert i, in ``owners`` order);
 - ``report``: ``connito flexolmo stage=report``, held-out loss per domain (public domains, then the owners') of the
   public model, each owner's model, the merged model, and the merged model with each owner opted out in turn
-  (:class:`~connito.composition.opt_out.OptOut`, no retraining): ``flexolmo_report.md`` / ``.json``.
+  (:class:`~connito.routing.opt_out.OptOut`, no retraining): ``flexolmo_report.md`` / ``.json``.
 
 On a finished pipeline, two stages run alone for a user: ``stage=evaluate opt_out=[code]`` prints the held-out
 table of the merged model with those owners opted out (beside the merged model with every expert in), and
 ``stage=remove opt_out=[code] out=DIR`` writes the merged checkpoint without their experts (FFN and router rows
-gone; :func:`~connito.composition.opt_out.save_without_experts`), which plain transformers loads and which computes
+gone; :func:`~connito.routing.opt_out.save_without_experts`), which plain transformers loads and which computes
 what the merged model computes under the opt-out.
 
 **Decisions.** Each owner is one domain of ``data`` (the bundled recipe's) and trains on it alone; the public data
@@ -273,7 +273,7 @@ def _held_out(root: Path, settings: dict):
 
 def _opted_out_losses(model, merged: Path, names: list[str], held_out) -> dict[str, float]:
     from connito.composition.flexolmo import owner_experts
-    from connito.composition.opt_out import OptOut, in_every_layer
+    from connito.routing.opt_out import OptOut, in_every_layer
 
     with OptOut(model, in_every_layer(*owner_experts(merged, names))):
         return held_out.losses(model)
@@ -296,7 +296,7 @@ def run_report(root: Path) -> dict:
     """The report job: held-out loss per domain of the public model, each owner, the merged model and the merged
     model with each owner opted out in turn; writes ``flexolmo_report.json`` and ``.md`` and prints the table."""
     from connito.analysis.held_out import checkpoint_losses, load_checkpoint, losses_table
-    from connito.composition.opt_out import OptOutError
+    from connito.routing.opt_out import OptOutError
 
     settings, _ = _finished(root, [])
     held_out = _held_out(root, settings)
@@ -367,7 +367,7 @@ def run_remove(root: Path, opt_out: list[str], out: str) -> Path:
     """stage=remove: the merged checkpoint without ``opt_out``'s experts (FFNs and router rows), written to
     ``out``."""
     from connito.composition.flexolmo import owner_experts
-    from connito.composition.opt_out import in_every_layer, save_without_experts
+    from connito.routing.opt_out import in_every_layer, save_without_experts
 
     if not out:
         raise ValueError("stage=remove writes a new checkpoint: give its directory, out=DIR")

@@ -229,7 +229,7 @@ def run_report(root: Path) -> dict:
     """The report job: held-out loss per domain of every model of the lifecycle, ``report.md`` / ``.json`` and the
     pictures in ``root``; prints the table."""
     from connito.analysis.held_out import held_out_batches, load_checkpoint, losses_table
-    from connito.composition.opt_out import OptOut
+    from connito.routing.opt_out import OptOut
 
     plan = planned(root, "quickstart")
     require_done(root, plan, "retire", "no report was written")

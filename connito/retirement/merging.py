@@ -1,6 +1,6 @@
 """Merge experts that do the same job into one: their weights averaged (weighted by how often each is used), their
 router rows combined, the other members removed by checkpoint surgery
-(:func:`connito.composition.opt_out.remove_experts`: the HF config's expert count updated, plain transformers
+(:func:`connito.routing.opt_out.remove_experts`: the HF config's expert count updated, plain transformers
 loads the result).
 
 **Groups.** A group is the experts of one MoE layer merged into one; its first expert is the slot that stays
@@ -284,7 +284,7 @@ def merge_in_place(model: PreTrainedModel, plan: MergePlan) -> None:
 def merge_experts(model: PreTrainedModel, plan: MergePlan) -> PreTrainedModel:
     """A new model of ``model``'s class with every group of ``plan`` merged into its first slot and the other
     members removed (renumbered as :func:`remove_experts` does); ``model`` is not changed."""
-    from connito.composition.opt_out import remove_experts
+    from connito.routing.opt_out import remove_experts
 
     work = copy.deepcopy(model)
     merge_in_place(work, plan)
@@ -310,10 +310,10 @@ def merge_checkpoint(
     read."""
     from transformers import AutoModelForCausalLM
 
-    from connito.composition.opt_out import remove_experts
     from connito.experts.delta.staging import check_out_dir, copy_tokenizer_files, staged_dir
     from connito.models.loading import validate_checkpoint_dir
     from connito.retirement.pruning import load_analysis_of, pooled_usage
+    from connito.routing.opt_out import remove_experts
 
     source = Path(checkpoint).expanduser().resolve()
     target = check_out_dir(out, overwrite, {"the checkpoint": source})

@@ -33,7 +33,7 @@ routes like one holding the survivors with ``top_k = survivors``.
 window the step, the cap, the threshold, the normalised usage, the dropped experts and the alive mask (rows in
 ``moe_layers`` order), and ``kept``: the surviving experts per layer. The trainer's HF export ``<run>/hf`` is the
 *full* model (every expert, no mask: its dead experts would route again); after it is written, the callback writes
-``<run>/pruned/``: the export without the dead experts (:func:`connito.composition.opt_out.save_without_experts`;
+``<run>/pruned/``: the export without the dead experts (:func:`connito.routing.opt_out.save_without_experts`;
 ``num_experts_per_tok`` lowered to the survivors where fewer than top-k are left), which plain transformers loads
 and which computes what the masked model computed, plus ``<run>/progressive_prune_report.md``. Only finished runs
 with ``train.export=true`` get ``pruned/``.
@@ -225,9 +225,9 @@ def write_pruned(export_dir: str | Path, kept: Mapping[int, list[int]], out_dir:
     top-k are left. Returns what it did: ``top_k`` before and after, ``kept``, ``removed``."""
     from transformers import AutoConfig
 
-    from connito.composition.opt_out import PROVENANCE_FILE, save_without_experts
     from connito.models.families import get_family
     from connito.models.loading import validate_checkpoint_dir
+    from connito.routing.opt_out import PROVENANCE_FILE, save_without_experts
 
     export_dir, out_dir = Path(export_dir).resolve(), Path(out_dir).resolve()
     validate_checkpoint_dir(export_dir)

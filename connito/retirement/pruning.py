@@ -1,5 +1,5 @@
 """One-shot expert pruning: keep the ``keep`` highest-scoring routed experts of every MoE layer, remove the rest
-by checkpoint surgery (:func:`connito.composition.opt_out.save_without_experts`: their FFN slices and router rows
+by checkpoint surgery (:func:`connito.routing.opt_out.save_without_experts`: their FFN slices and router rows
 gone, the others renumbered, plain transformers loads the result, which equals the model with those experts opted
 out, logit for logit).
 
@@ -148,7 +148,7 @@ def prune_checkpoint(
     """Write ``checkpoint`` pruned to ``keep`` experts per MoE layer to ``out`` (see the module docstring).
     ``score=token|gate`` reads ``analysis_path``; ``score=reap`` measures saliency on ``calibration`` (batches of
     the workload's domains, :func:`connito.analysis.held_out.held_out_batches`) and needs no analysis."""
-    from connito.composition.opt_out import save_without_experts
+    from connito.routing.opt_out import save_without_experts
 
     checkpoint = Path(checkpoint).expanduser().resolve()
     if score == "reap":

@@ -132,7 +132,7 @@ def _shared_slot(model: nn.Module) -> str:
 def build_shared(model: nn.Module, plan: SharePlan) -> nn.Module:
     """A new model: ``plan``'s experts merged into a widened shared expert and removed from routing (``model`` is
     not changed)."""
-    from connito.composition.opt_out import remove_experts  # the removal surgery
+    from connito.routing.opt_out import remove_experts  # the removal surgery
 
     key = _shared_slot(model)
     view = ExpertView(model)

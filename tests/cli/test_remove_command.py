@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from connito.cli.commands.remove import RemoveConfig, parse_experts, run
-from connito.composition.opt_out import OptOut, in_every_layer
 from connito.models.families import ModelError
+from connito.routing.opt_out import OptOut, in_every_layer
 from tests.experts.conftest import build_tiny
 
 INPUT_IDS = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(7))

@@ -17,10 +17,10 @@ from connito.composition.flexolmo import (
     owner_experts,
     owner_start,
 )
-from connito.composition.opt_out import OptOut, in_every_layer, save_without_experts
 from connito.experts import ExpertView
 from connito.models.families import ModelError
 from connito.models.fingerprint import checkpoint_fingerprint
+from connito.routing.opt_out import OptOut, in_every_layer, save_without_experts
 from tests.composition.tiny import TINY_DENSE
 
 TINY = {**TINY_DENSE, "initializer_range": 0.1}

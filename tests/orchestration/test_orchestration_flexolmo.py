@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, MixtralConfig
 
 from connito.cli.commands.flexolmo import run as cli_run
-from connito.composition.opt_out import OptOut, in_every_layer
 from connito.orchestration import OrchestrationError, read_plan
 from connito.orchestration.flexolmo import (
     FlexOlmoConfig,
@@ -24,6 +23,7 @@ from connito.orchestration.flexolmo import (
 )
 from connito.orchestration.jobs import read_state
 from connito.orchestration.plan import write_plan
+from connito.routing.opt_out import OptOut, in_every_layer
 from tests.orchestration import pipelines
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from connito.composition.opt_out import OptOut, remove_experts
 from connito.experts import ExpertAddressError, ExpertView
 from connito.retirement.merging import MergeError, merge_checkpoint, merge_experts, plan_merge, weight_similarity
+from connito.routing.opt_out import OptOut, remove_experts
 from tests.experts.conftest import TINY, build_tiny
 
 INPUT_IDS = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(7))

@@ -9,10 +9,10 @@ from transformers import AutoModelForCausalLM
 
 from connito.analysis.report import SCHEMA
 from connito.cli.commands.prune import PruneConfig, run
-from connito.composition.opt_out import OptOut
 from connito.experts import ExpertView
 from connito.models.fingerprint import checkpoint_fingerprint
 from connito.retirement.pruning import PruningError, plan_pruning
+from connito.routing.opt_out import OptOut
 from tests.experts.conftest import build_tiny
 
 INPUT_IDS = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(7))

@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from connito.analysis.held_out import HeldOut
-from connito.composition.opt_out import OptOut, in_every_layer
 from connito.experts import ExpertView
 from connito.retirement.pruning import PruningError, prune_checkpoint
 from connito.retirement.saliency import reap_saliency
+from connito.routing.opt_out import OptOut, in_every_layer
 from tests.experts.conftest import TINY, build_tiny
 
 GENERATOR = torch.Generator().manual_seed(11)

@@ -1,5 +1,5 @@
 """``connito remove checkpoint=<dir> 'experts=[...]' out=<dir>``: a checkpoint without some experts, as checkpoint
-surgery (:func:`connito.composition.opt_out.save_without_experts`): their FFN slices and router rows are gone, the
+surgery (:func:`connito.routing.opt_out.save_without_experts`): their FFN slices and router rows are gone, the
 others renumbered in order, the config's expert count updated, and plain transformers loads the result. It
 computes exactly what the model computes with those experts opted out at inference (``OptOut``, identical
 logits); the input checkpoint is never written to."""
@@ -32,7 +32,7 @@ class RemoveConfig:
 
 def parse_experts(items: list[str]):
     """``layer:expert`` ids, or ``*:expert`` (every MoE layer) items; not both kinds in one call."""
-    from connito.composition.opt_out import in_every_layer
+    from connito.routing.opt_out import in_every_layer
 
     parsed = []
     for item in items:
@@ -49,8 +49,8 @@ def parse_experts(items: list[str]):
 
 
 def run(cfg: RemoveConfig, run_dir: Path) -> None:
-    from connito.composition.opt_out import save_without_experts  # here, not at the top: `connito --help`
     from connito.models.families import ModelError
+    from connito.routing.opt_out import save_without_experts  # here, not at the top: `connito --help`
 
     missing = [key for key in ("checkpoint", "out") if not getattr(cfg, key)]
     if missing or not cfg.experts:

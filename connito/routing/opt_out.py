@@ -61,7 +61,7 @@ from connito.models.families import ModelError
 from connito.models.loading import validate_checkpoint_dir
 from connito.routing.edits import RouterEdit, routing_rule
 
-log = logging.getLogger("connito.composition")
+log = logging.getLogger("connito.routing")
 
 PROVENANCE_FILE = "connito_opt_out.json"
 

@@ -14,7 +14,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from connito.composition.opt_out import (
+from connito.experts import ExpertAddressError, ExpertMask, ExpertView
+from connito.routing import RouterObserver
+from connito.routing.opt_out import (
     PROVENANCE_FILE,
     OptOut,
     OptOutError,
@@ -22,8 +24,6 @@ from connito.composition.opt_out import (
     remove_experts,
     save_without_experts,
 )
-from connito.experts import ExpertAddressError, ExpertMask, ExpertView
-from connito.routing import RouterObserver
 from tests.experts.conftest import build_tiny
 
 # family, config overrides, experts opted out in every MoE layer (tiny models: 8 experts, top-2)
