@@ -292,9 +292,8 @@ def _markdown(root: Path, settings: dict, rows: dict, columns: list[str], record
         "",
         "## 1. Train",
         "",
-        f"`connito train` for {settings['base']['steps']} steps (`base/`); validation loss at the end: "
-        + ", ".join(f"{k} {v:.3f}" for k, v in base_val.items())
-        + ".",
+        f"`connito train` for {settings['base']['steps']} steps (`base/`); the trainer's own validation at the end "
+        "(on its own sample of the validation split): " + ", ".join(f"{k} {v:.3f}" for k, v in base_val.items()) + ".",
         "",
         "![training loss](loss_curve.png)",
         "",
@@ -322,10 +321,25 @@ def _markdown(root: Path, settings: dict, rows: dict, columns: list[str], record
         "",
         losses_table(rows, columns),
         "",
+        _reading(rows, domain, record["domains"]),
+        "",
         "![held-out loss](held_out.png)",
         "",
     ]
     return "\n".join(lines)
+
+
+def _reading(rows: dict[str, dict[str, float]], domain: str, domains: list[str]) -> str:
+    """One sentence per model: what it did to ``domain`` and, at most, to the other domains (against the base)."""
+    base, others = next(iter(rows.values())), [d for d in domains if d != domain]
+    sentences = []
+    for name, losses in list(rows.items())[1:]:
+        own = losses[domain] - base[domain]
+        worst = max(others, key=lambda d: losses[d] - base[d])
+        sentences.append(
+            f"{name}: {domain} {own:+.3f} nats, the other domains at most {losses[worst] - base[worst]:+.3f} ({worst})."
+        )
+    return "Against the base: " + " ".join(sentences)
 
 
 def _experts_per_layer(experts: dict[str, list[int]]) -> str:
