@@ -94,3 +94,18 @@ def build_model(
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     log.info("built %s (%s) with %.2fM parameters", cfg.name, config.model_type, model.num_parameters() / 1e6)
     return model
+
+
+def checkpoint_parameters(checkpoint: str | Path) -> int:
+    """The number of parameters in a ``save_pretrained`` directory's safetensors files, read from their headers
+    (nothing is loaded)."""
+    import math
+
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(checkpoint).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                total += math.prod(f.get_slice(name).get_shape())
+    return total

@@ -65,6 +65,7 @@ import torch
 import torch.distributed as dist
 
 from connito.experts import ExpertView
+from connito.models.loading import checkpoint_parameters
 from connito.retirement.progressive_mask import AdditiveExpertMask, MaskError, check_maskable
 from connito.routing import RoutingRecord
 from connito.routing.edits import routing_rule
@@ -264,17 +265,6 @@ def write_pruned(export_dir: str | Path, kept: Mapping[int, list[int]], out_dir:
         "kept": {str(k): v for k, v in kept.items()},
         "removed": removed,
     }
-
-
-def _numel(checkpoint: Path) -> int:
-    from safetensors import safe_open
-
-    total = 0
-    for file in sorted(checkpoint.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                total += math.prod(f.get_slice(name).get_shape())
-    return total
 
 
 # -- the callback ------------------------------------------------------------------------------------------------
@@ -487,7 +477,7 @@ class ProgressivePrune(Callback):
         done = write_pruned(result.export_dir, schedule.kept(), out)
         self.pruned_dir = out
         self.write_json(trainer)
-        report = self.report(trainer, done, _numel(Path(result.export_dir)), _numel(out))
+        report = self.report(trainer, done, checkpoint_parameters(result.export_dir), checkpoint_parameters(out))
         (trainer.run_dir / REPORT_FILE).write_text(report)
         print(report, flush=True)
 

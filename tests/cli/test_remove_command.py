@@ -34,6 +34,8 @@ def test_removing_an_expert_of_every_layer_equals_opting_it_out(checkpoint, tmp_
         expected = model(INPUT_IDS).logits
     with torch.no_grad():
         assert torch.equal(smaller(INPUT_IDS).logits, expected)
+    report = (tmp_path / "smaller" / "remove_report.md").read_text()
+    assert "- layer 0: [0, 1, 2, 4, 5, 6, 7]" in report and "Parameters: " in report
     provenance = json.loads((tmp_path / "smaller" / "connito_opt_out.json").read_text())
     assert all(3 not in kept for kept in provenance["kept"].values())
     assert (path.stat().st_mtime_ns, sorted(p.name for p in path.iterdir())) == before  # the input is untouched

@@ -59,7 +59,32 @@ def run(cfg: RemoveConfig, run_dir: Path) -> None:
             f"missing: {', '.join([*missing, *([] if cfg.experts else ['experts'])])}"
         )
     out = save_without_experts(cfg.checkpoint, parse_experts(list(cfg.experts)), cfg.out, overwrite=cfg.overwrite)
-    print(f"written:    {out} (which old expert each new one is: {out / 'connito_opt_out.json'})")
+    (out / "remove_report.md").write_text(removal_report(Path(cfg.checkpoint), out))
+    print(f"written:    {out} (report: {out / 'remove_report.md'}; which old expert each new one is: "
+          f"{out / 'connito_opt_out.json'})")  # fmt: skip
+
+
+def removal_report(source: Path, out: Path) -> str:
+    """A short markdown report: experts per MoE layer before and after, the experts kept, parameters before and
+    after (from the safetensors headers: nothing is loaded)."""
+    import json
+
+    from connito.models.loading import checkpoint_parameters
+
+    provenance = json.loads((out / "connito_opt_out.json").read_text())
+    kept = provenance["kept"]
+    before, after = checkpoint_parameters(source), checkpoint_parameters(out)
+    lines = [
+        f"# {source} without {sum(len(v) for v in provenance['removed']['experts'].values())} experts",
+        "",
+        f"Parameters: {before:,} -> {after:,}. Kept experts per MoE layer (old ids; new ids are their positions):",
+        "",
+        *(f"- layer {layer}: {experts}" for layer, experts in kept.items()),
+        "",
+        "The checkpoint computes what the original computes with the other experts opted out (identical logits).",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 COMMAND = Command(
