@@ -46,9 +46,8 @@ class MergeConfig:
 
 
 def run(cfg: MergeConfig, run_dir: Path) -> None:
-    import json
 
-    from connito.analysis.held_out import checkpoint_losses, held_out_batches, losses_table
+    from connito.cli.before_after import write_before_after_report
     from connito.cli.commands.prune import default_analysis
     from connito.models.families import ModelError
     from connito.retirement.merging import merge_checkpoint  # here, not at the top: `connito --help` stays fast
@@ -74,22 +73,8 @@ def run(cfg: MergeConfig, run_dir: Path) -> None:
     experts_left = len(next(iter(plan.kept.values())))
     text = [f"# Merged to {experts_left} experts per MoE layer ({how}, {cfg.frequency}-weighted)\n",
             "groups [layer, experts...], the first the merged slot: " + str(groups)]  # fmt: skip
-    if cfg.eval_tokens > 0:
-        domains = list(cfg.data.domains)
-        held_out = held_out_batches(
-            cfg.data, cfg.checkpoint, domains=domains, eval_tokens=cfg.eval_tokens * len(domains)
-        )
-        rows = {
-            "original": checkpoint_losses(cfg.checkpoint, held_out),
-            f"merged to {experts_left}": checkpoint_losses(out, held_out),
-        }
-        record["validation_loss"] = rows
-        table = losses_table(rows, [*held_out.domains, "all"])
-        text += ["", "Held-out loss per domain (nats):", "", table]
-        print(table)
-    (out / "merge_report.json").write_text(json.dumps(record, indent=1) + "\n")
-    (out / "merge_report.md").write_text("\n".join(text) + "\n")
-    print(f"written:    {out} (report: {out / 'merge_report.md'})")
+    label = f"merged to {experts_left}"
+    write_before_after_report("merge", cfg.checkpoint, out, label, record, text, cfg.data, cfg.eval_tokens)
 
 
 COMMAND = Command(

@@ -55,9 +55,9 @@ def default_analysis(checkpoint: Path) -> str:
 
 
 def run(cfg: PruneConfig, run_dir: Path) -> None:
-    import json
 
-    from connito.analysis.held_out import checkpoint_losses, held_out_batches, losses_table
+    from connito.analysis.held_out import held_out_batches
+    from connito.cli.before_after import write_before_after_report
     from connito.models.families import ModelError
     from connito.retirement.pruning import prune_checkpoint  # here, not at the top: `connito --help` stays fast
 
@@ -85,22 +85,8 @@ def run(cfg: PruneConfig, run_dir: Path) -> None:
     if calibration is not None:
         record["calibration"] = {"split": cfg.calibration_split, "domains": calibration.domains,
                                  "tokens": sum(int(batch.numel()) for batch in calibration.inputs)}  # fmt: skip
-    if cfg.eval_tokens > 0:
-        domains = list(cfg.data.domains)  # every domain: what a workload-specific prune costs the others too
-        held_out = held_out_batches(
-            cfg.data, cfg.checkpoint, domains=domains, eval_tokens=cfg.eval_tokens * len(domains)
-        )
-        rows = {
-            "original": checkpoint_losses(cfg.checkpoint, held_out),
-            f"pruned to {cfg.keep}": checkpoint_losses(out, held_out),
-        }
-        record["validation_loss"] = rows
-        table = losses_table(rows, [*held_out.domains, "all"])
-        text += ["", "Held-out loss per domain (nats):", "", table]
-        print(table)
-    (out / "prune_report.json").write_text(json.dumps(record, indent=1) + "\n")
-    (out / "prune_report.md").write_text("\n".join(text) + "\n")
-    print(f"written:    {out} (report: {out / 'prune_report.md'})")
+    label = f"pruned to {cfg.keep}"
+    write_before_after_report("prune", cfg.checkpoint, out, label, record, text, cfg.data, cfg.eval_tokens)
 
 
 COMMAND = Command(

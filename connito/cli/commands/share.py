@@ -49,9 +49,9 @@ class ShareConfig:
 
 
 def run(cfg: ShareConfig, run_dir: Path) -> None:
-    import json
 
-    from connito.analysis.held_out import checkpoint_losses, held_out_batches, losses_table
+    from connito.analysis.held_out import held_out_batches
+    from connito.cli.before_after import write_before_after_report
     from connito.cli.commands.prune import default_analysis
     from connito.models.families import ModelError
     from connito.retirement.sharing import share_checkpoint  # here, not at the top: `connito --help` stays fast
@@ -81,17 +81,8 @@ def run(cfg: ShareConfig, run_dir: Path) -> None:
     if mse:
         text.append("distillation MSE per layer (before -> after): "
                     + ", ".join(f"{k}: {a:.2e} -> {b:.2e}" for k, (a, b) in mse.items()))  # fmt: skip
-    if cfg.eval_tokens > 0:
-        held_out = held_out_batches(cfg.data, cfg.checkpoint, eval_tokens=cfg.eval_tokens * len(cfg.data.domains))
-        rows = {"original": checkpoint_losses(cfg.checkpoint, held_out),
-                f"shared from {cfg.pick}": checkpoint_losses(out, held_out)}  # fmt: skip
-        record["validation_loss"] = rows
-        table = losses_table(rows, [*held_out.domains, "all"])
-        text += ["", "Held-out loss per domain (nats):", "", table]
-        print(table)
-    (out / "share_report.json").write_text(json.dumps(record, indent=1) + "\n")
-    (out / "share_report.md").write_text("\n".join(text) + "\n")
-    print(f"written:    {out} (report: {out / 'share_report.md'})")
+    write_before_after_report("share", cfg.checkpoint, out, f"shared from {cfg.pick}", record, text, cfg.data,
+                              cfg.eval_tokens)  # fmt: skip
 
 
 COMMAND = Command(
