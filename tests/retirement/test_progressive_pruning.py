@@ -18,17 +18,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from connito.experts import ExpertView
-from connito.retirement.progressive import (
-    JSON_FILE,
-    PRUNED_DIR,
-    ProgressivePrune,
-    PruneSchedule,
-    normalised_usage,
-    plan_drops,
-    schedule_cap,
-    write_pruned,
-)
+from connito.retirement.progressive import JSON_FILE, PRUNED_DIR, ProgressivePrune, write_pruned
 from connito.retirement.progressive_mask import AdditiveExpertMask, MaskError, additive_mask, masked_route
+from connito.retirement.progressive_schedule import PruneSchedule, normalised_usage, plan_drops, schedule_cap
 from connito.routing import RouterObserver
 from connito.routing.edits import RoutingRule, routing_rule
 from connito.training.callbacks import CallbackError
