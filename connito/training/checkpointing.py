@@ -112,6 +112,50 @@ def find_latest(checkpoint_root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+class CheckpointDirNotShared(RuntimeError):
+    """The ranks do not see the same checkpoint directory (run.root is not on storage every node shares)."""
+
+
+def _latest_tag(checkpoint_root: Path) -> str:
+    pointer = checkpoint_root / LATEST
+    return pointer.read_text().strip() if pointer.is_file() else "none"
+
+
+def require_shared(checkpoint_root: Path, resume_from: Path | None = None) -> None:
+    """Collective (a no-op in one process): refuse to go on unless every rank sees the same checkpoint directory.
+
+    Rank 0 writes a probe file with a fresh name into ``checkpoint_root``; every rank reports whether it sees it,
+    the ``latest`` it reads and the checkpoint it would resume from, and the ranks gather the reports. Raised on
+    every rank, naming what each rank saw."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    rank = dist.get_rank()
+    probe_name = [f".shared-probe-{os.urandom(8).hex()}" if rank == 0 else ""]
+    dist.broadcast_object_list(probe_name, src=0)
+    probe = checkpoint_root / probe_name[0]
+    if rank == 0:
+        checkpoint_root.mkdir(parents=True, exist_ok=True)
+        _write_atomic(probe, "")
+    barrier()
+    mine = (probe.is_file(), _latest_tag(checkpoint_root), resume_from.name if resume_from else "none")
+    seen: list = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, mine)
+    barrier()
+    if rank == 0:
+        probe.unlink(missing_ok=True)
+    if len(set(seen)) == 1:
+        return
+    report = "; ".join(
+        f"rank {r}: {'sees' if sees else 'does not see'} rank 0's probe file, latest={latest}, resume from {resume}"
+        for r, (sees, latest, resume) in enumerate(seen)
+    )
+    raise CheckpointDirNotShared(
+        f"the ranks do not see the same checkpoint directory {checkpoint_root} ({report}). Every node must read "
+        "and write the same run directory: put run.root on a filesystem every node shares (NFS, Lustre, a "
+        "cluster mount), e.g. run.root=/shared/connito-runs, and resume from there"
+    )
+
+
 def require_complete(checkpoint: Path) -> None:
     if not is_complete(checkpoint):
         raise FileNotFoundError(

@@ -70,6 +70,10 @@ class TrainConfig:
     stop_after: int = 0
     """Stop (after checkpointing) once this many steps are done in this invocation; 0 = run to ``steps``.
     For time-sliced jobs (SLURM requeue) and the resume tests."""
+    nonfinite_loss: str = "stop"
+    """What a NaN or inf training loss on any rank does. stop: every rank raises an error naming the step, the
+    rank(s) and the micro-batch(es); skip: no rank applies that step's update (gradients dropped, parameters and
+    optimizer state untouched, the learning-rate schedule not advanced) and ``train/skipped_steps`` counts them."""
 
 
 @dataclass

@@ -18,6 +18,8 @@ class TrainState:
 
     step: int = 0
     tokens_seen: int = 0
+    skipped_steps: int = 0
+    """Steps whose update train.nonfinite_loss=skip dropped."""
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,78 @@ Shapes: B micro-batch, T sequence length.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 
 from connito.training.batches import PackedSplit, StepSampler
 from connito.training.callbacks import LossTerm, MicroBatch, check_loss_value
 from connito.training.losses import token_cross_entropy
+
+NONFINITE_MODES = ("stop", "skip")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN or inf training loss under ``train.nonfinite_loss=stop`` (raised on every rank, same message)."""
+
+
+def _domain_mix(batch: MicroBatch, domain_names: Sequence[str] | None) -> str:
+    ids, counts = torch.unique(batch.domain_ids_BT.reshape(-1), return_counts=True)
+    names = [domain_names[i] if domain_names and 0 <= i < len(domain_names) else str(i) for i in ids.tolist()]
+    return ", ".join(f"{name} {count} tokens" for name, count in zip(names, counts.tolist(), strict=True))
+
+
+def agree_on_nonfinite(bad_M: torch.Tensor) -> torch.Tensor:
+    """Collective: ``[world, M]`` float64, row r holding rank r's non-finite micro-batch losses (0 elsewhere), so
+    every rank sees which rank and micro-batch went non-finite (and takes the same decision)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return bad_M[None]
+    flags_RM = torch.zeros(dist.get_world_size(), bad_M.numel(), dtype=torch.float64)
+    flags_RM[dist.get_rank()] = bad_M
+    dist.all_reduce(flags_RM)
+    return flags_RM
+
+
+def describe_nonfinite(flags_RM: torch.Tensor, step: int) -> str:
+    where = [
+        f"rank {rank} micro-batch {micro} (loss {flags_RM[rank, micro].item()})"
+        for rank, micro in (~torch.isfinite(flags_RM)).nonzero().tolist()
+    ]
+    return f"non-finite training loss at step {step + 1}: " + "; ".join(where)
+
+
+def skip_supported(optimizer) -> bool:
+    """Whether :func:`skipped_update` knows how to drop this optimizer's step: DeepSpeed's ZeRO-1/2 optimizer (its
+    own overflow path) or a plain torch optimizer (ZeRO 0 in fp32)."""
+    return (hasattr(optimizer, "check_overflow") and hasattr(optimizer, "check_grad_overflow")) or isinstance(
+        optimizer, torch.optim.Optimizer
+    )
+
+
+@contextmanager
+def skipped_update(engine) -> Iterator[None]:
+    """Inside it, the accumulation-boundary ``engine.step()`` applies no update: DeepSpeed takes its overflow path
+    (gradients and reduction buffers dropped, optimizer state and parameters untouched, ``skipped_steps`` + 1, the
+    learning-rate scheduler not stepped)."""
+    optimizer = engine.optimizer
+    if hasattr(optimizer, "check_overflow") and hasattr(optimizer, "check_grad_overflow"):  # ZeRO 1/2
+        saved = optimizer.check_grad_overflow
+        optimizer.check_grad_overflow = True
+        optimizer.check_overflow = lambda *args, **kwargs: setattr(optimizer, "overflow", True)
+        try:
+            yield
+        finally:
+            optimizer.check_grad_overflow = saved
+            del optimizer.check_overflow
+    else:  # a torch optimizer (ZeRO 0, fp32): the engine sets every .grad to None after the (no-op) step
+        optimizer.step = lambda *args, **kwargs: None
+        optimizer.overflow = True
+        try:
+            yield
+        finally:
+            del optimizer.step, optimizer.overflow
 
 
 def micro_batch(split: PackedSplit, sampler: StepSampler, step: int, micro_step: int, device) -> MicroBatch:
@@ -47,6 +112,8 @@ def train_step(
     device: torch.device,
     before_forward: Callable[[MicroBatch], float] | None = None,
     clip: Callable[[], torch.Tensor] | None = None,
+    nonfinite: str = "stop",
+    domain_names: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Run optimizer step ``step`` (0-based): every micro-batch goes through ``engine.backward`` and
     ``engine.step``; DeepSpeed applies the update at the accumulation boundary. Returns the step's mean losses on
@@ -58,21 +125,52 @@ def train_step(
 
     ``clip()``, when given, runs after the last micro-batch's backward (gradients reduced) and before the step that
     applies the update: it clips the gradients and returns their global norm, returned as ``grad_norm`` (Connito's
-    own clipping where DeepSpeed's is wrong: :mod:`connito.parallel.grad_clip`)."""
+    own clipping where DeepSpeed's is wrong: :mod:`connito.parallel.grad_clip`).
+
+    A NaN or inf loss (the micro-batch's whole loss) on any rank: ``nonfinite="stop"`` raises
+    :class:`NonFiniteLossError` on every rank before the update, naming the step, rank(s) and micro-batch(es) (and
+    the domain mix of this rank's); ``"skip"`` applies no update on any rank and returns ``skipped: 1.0``."""
     sums: dict[str, float] = {"loss": 0.0}
-    grad_norm = None
+    grad_norm, skip = None, False
+    bad_M = torch.zeros(sampler.grad_accum, dtype=torch.float64)
+    mixes: dict[int, str] = {}
     for micro_step in range(sampler.grad_accum):
         batch = micro_batch(split, sampler, step, micro_step, device)
         task_weight = 1.0 if before_forward is None else before_forward(batch)
         loss, lm_loss, values = forward_loss(engine, batch, loss_terms, task_weight)
         engine.backward(loss)
-        if clip is not None and micro_step == sampler.grad_accum - 1:
+        value = loss.detach().float().item()
+        if value != value or value in (float("inf"), float("-inf")):
+            bad_M[micro_step] = value
+            mixes[micro_step] = _domain_mix(batch, domain_names)
+        last = micro_step == sampler.grad_accum - 1
+        if last:  # every rank decides the same, before the update
+            flags_RM = agree_on_nonfinite(bad_M)
+            if not torch.isfinite(flags_RM).all():
+                message = describe_nonfinite(flags_RM, step)
+                if nonfinite != "skip":
+                    rank = dist.get_rank() if dist.is_initialized() else 0
+                    here = "".join(
+                        f"; on this rank (rank {rank}) micro-batch {m} domains: {d}" for m, d in mixes.items()
+                    )
+                    raise NonFiniteLossError(
+                        f"{message}{here}. train.nonfinite_loss=stop stopped the run before the update; "
+                        "train.nonfinite_loss=skip skips such steps instead"
+                    )
+                skip = True
+        if clip is not None and last and not skip:
             grad_norm = float(clip())
-        engine.step()
+        if skip:
+            with skipped_update(engine):
+                engine.step()
+        else:
+            engine.step()
         sums["loss"] += lm_loss.item()
         for name, value in values.items():
             sums[name] = sums.get(name, 0.0) + value.item()
     means = {name: total / sampler.grad_accum for name, total in sums.items()}
     if grad_norm is not None:
         means["grad_norm"] = grad_norm
+    if skip:
+        means["skipped"] = 1.0
     return means

@@ -35,7 +35,7 @@ from connito.training.engine import build_engine
 from connito.training.evaluation import evaluate_by_domain
 from connito.training.metrics import MetricsSink
 from connito.training.run_state import Layout, TrainState, read_layout
-from connito.training.step import train_step
+from connito.training.step import NONFINITE_MODES, skip_supported, train_step
 
 log = logging.getLogger("connito.training")
 
@@ -61,6 +61,8 @@ def validate_train(train: TrainConfig) -> None:
     for name in ("steps", "micro_batch_size", "grad_accum"):
         if getattr(train, name) <= 0:
             raise ValueError(f"train.{name}={getattr(train, name)} must be a positive integer")
+    if train.nonfinite_loss not in NONFINITE_MODES:
+        raise ValueError(f"train.nonfinite_loss='{train.nonfinite_loss}' is not one of {', '.join(NONFINITE_MODES)}")
     if train.resume not in ("auto", "never") and not Path(train.resume).expanduser().is_dir():
         raise ValueError(
             f"train.resume='{train.resume}' is neither auto, never, nor an existing checkpoint directory. "
@@ -212,6 +214,7 @@ class Trainer:
             saved_layout = read_layout(resume_from)
             convert = relayout.plan_resume(saved_layout, self.layout, resume_from)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        checkpointing.require_shared(checkpoint_root, resume_from)  # every node the same run directory
 
         self.prepared = _prepare_data_once(cfg, info)
         self.tokenizer = self.prepared.load_tokenizer()
@@ -252,6 +255,12 @@ class Trainer:
             engine=self.engine,
             trainer=self,
         )
+        if cfg.train.nonfinite_loss == "skip" and not skip_supported(self.engine.optimizer):
+            raise ValueError(
+                f"train.nonfinite_loss=skip cannot drop an update of {type(self.engine.optimizer).__name__} "
+                "(ZeRO 3 or the bf16 optimizer at ZeRO 0): use engine.zero_stage 0 (fp32), 1 or 2, or "
+                "train.nonfinite_loss=stop"
+            )
         for callback in self.callbacks:
             callback.on_engine_built(self)
 
@@ -289,8 +298,14 @@ class Trainer:
         while state.step < cfg.train.steps:
             losses = train_step(
                 self.engine, self.train_split, self.sampler, state.step, self.loss_terms, self.engine.device,
-                before_forward=self._before_forward, clip=self._clip,
+                before_forward=self._before_forward, clip=self._clip, nonfinite=cfg.train.nonfinite_loss,
+                domain_names=self.prepared.domains,
             )  # fmt: skip
+            if losses.pop("skipped", 0.0):
+                state.skipped_steps += 1
+                log.warning("step %d skipped: non-finite loss (train.nonfinite_loss=skip)", state.step + 1)
+            if cfg.train.nonfinite_loss == "skip":
+                losses["skipped_steps"] = float(state.skipped_steps)  # logged as train/skipped_steps
             state.step += 1
             state.tokens_seen += self.tokens_per_step
             for callback in self.callbacks:
