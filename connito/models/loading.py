@@ -109,3 +109,30 @@ def checkpoint_parameters(checkpoint: str | Path) -> int:
             for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                 total += math.prod(f.get_slice(name).get_shape())
     return total
+
+
+def model_like(model, config, state: dict):
+    """A new model of ``model``'s class built from ``config`` holding the tensors ``state`` (strict), in
+    ``model``'s dtype, device, generation config and train/eval mode; non-persistent buffers (rotary frequencies)
+    are copied from ``model`` where their shapes match. What a checkpoint surgery (removing, merging or moving
+    experts) builds its result with; ``model`` is not changed."""
+    import copy
+
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        new = type(model)._from_config(config, dtype=model.dtype)
+    new.to(model.device)
+    new.load_state_dict(state, strict=True)
+    live = new.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for name, tensor in live.items():  # a tensor the class builds in another dtype keeps the source's
+            if tensor.dtype != state[name].dtype:
+                tensor.data = state[name].clone()
+        buffers = dict(model.named_buffers())
+        for name, buffer in new.named_buffers():
+            if name not in live and name in buffers and buffers[name].shape == buffer.shape:
+                buffer.copy_(buffers[name])
+    new.generation_config = copy.deepcopy(model.generation_config)
+    new.train(model.training)
+    return new

@@ -36,12 +36,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers.initialization import no_init_weights
 
 from connito.analysis.expert_scores import check_domains, load_analysis, score_source, score_table
 from connito.experts import ExpertView
 from connito.models.families import ModelError
 from connito.models.fingerprint import checkpoint_fingerprint
+from connito.models.loading import model_like
 
 log = logging.getLogger("connito.retirement")
 
@@ -155,16 +155,7 @@ def build_shared(model: nn.Module, plan: SharePlan) -> nn.Module:
         ):
             full = f"{prefix}.{name}.weight"
             state[full] = torch.cat([state[full], extra.to(state[full].dtype)], dim=dim)
-    with no_init_weights():
-        wider = type(smaller)._from_config(config, dtype=smaller.dtype)
-    wider.load_state_dict(state, strict=True)
-    buffers = dict(smaller.named_buffers())
-    with torch.no_grad():
-        for name, buffer in wider.named_buffers():  # non-persistent buffers (rotary frequencies) as the source
-            if name in buffers and buffers[name].shape == buffer.shape:
-                buffer.copy_(buffers[name])
-    wider.generation_config = copy.deepcopy(model.generation_config)
-    return wider.train(model.training)
+    return model_like(smaller, config, state)
 
 
 def _module_name(model: nn.Module, module: nn.Module) -> str:

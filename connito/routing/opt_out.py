@@ -52,13 +52,12 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
-from transformers.initialization import no_init_weights
 
 from connito.experts import ExpertAddressError, ExpertId, ExpertMask, ExpertView
 from connito.experts.blocks import HFMoEBlock, MoEBlock
 from connito.experts.delta.staging import check_out_dir, copy_tokenizer_files, staged_dir
 from connito.models.families import ModelError
-from connito.models.loading import validate_checkpoint_dir
+from connito.models.loading import model_like, validate_checkpoint_dir
 from connito.routing.edits import RouterEdit, routing_rule
 
 log = logging.getLogger("connito.routing")
@@ -250,22 +249,7 @@ def remove_experts(model: PreTrainedModel, experts: Experts) -> PreTrainedModel:
             rows = torch.tensor(kept[layer], device=block.router_weight().device)
             for name in _per_expert_names(model, block):
                 state[name] = state[name].index_select(0, rows)
-    with no_init_weights():
-        smaller = type(model)._from_config(config, dtype=model.dtype)
-    smaller.to(model.device)
-    smaller.load_state_dict(state, strict=True)
-    live = smaller.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for name, tensor in live.items():  # a tensor the class builds in another dtype keeps the source's
-            if tensor.dtype != state[name].dtype:
-                tensor.data = state[name].clone()
-        buffers = dict(model.named_buffers())
-        for name, buffer in smaller.named_buffers():  # non-persistent buffers (rotary frequencies) as the source
-            if name not in live and name in buffers and buffers[name].shape == buffer.shape:
-                buffer.copy_(buffers[name])
-    smaller.generation_config = copy.deepcopy(model.generation_config)
-    smaller.train(model.training)
-    return smaller
+    return model_like(model, config, state)
 
 
 def save_without_experts(
