@@ -139,6 +139,7 @@ def test_deepseek_v3_ep2_x_dp2_on_4_ranks_matches_ep1(runs):
     assert_same_curve(ep1["loss"], ep2dp2["loss"])
 
 
+@pytest.mark.slow  # ~20-55 s; the default run keeps a lighter test of the same path
 def test_qwen3_moe_ep2_x_dp2_on_4_ranks_matches_ep1(runs):
     """The load-balancing loss depends on how the batch is split across ranks, so it is off here."""
     ep1 = runs(2, ["parallel.ep_size=1", "model.aux_loss_coef=0"])

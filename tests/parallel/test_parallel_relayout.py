@@ -111,6 +111,7 @@ def test_ep2_checkpoint_resumes_at_ep1_on_1_rank_with_identical_parameters(ep2_r
     assert_identical(torch.load(ep2_run / "dump" / "saved_step2.pt"), torch.load(dump / "loaded.pt"))
 
 
+@pytest.mark.slow  # ~20-55 s; the default run keeps a lighter test of the same path
 def test_ep2_checkpoint_resumes_at_ep4_on_4_ranks_with_identical_parameters(ep2_run, tmp_path, data_cache):
     """8 experts: 2 per rank at ep 4. Half the micro-batch keeps the global batch."""
     run_dir, dump = resume(ep2_run, tmp_path, data_cache, 4, ["parallel.ep_size=4", "train.micro_batch_size=2"])
@@ -118,6 +119,7 @@ def test_ep2_checkpoint_resumes_at_ep4_on_4_ranks_with_identical_parameters(ep2_
     assert len(losses(run_dir)) == 4
 
 
+@pytest.mark.slow  # ~20-55 s; the default run keeps a lighter test of the same path
 def test_ep1_checkpoint_resumes_at_ep2_under_zero2_with_identical_parameters(tmp_path, data_cache):
     """The other direction (transformers names -> AutoEP shards), with a ZeRO stage change on the way."""
     train(tmp_path / "run", tmp_path / "ep1", 2, data_cache, ["parallel.ep_size=1", "train.steps=2"])
@@ -146,6 +148,7 @@ def test_zero0_ep2_checkpoint_resumes_at_ep1_on_1_rank(ep2_zero0_run, tmp_path, 
     assert_same_next_losses(ep2_zero0_run / "run", run_dir)
 
 
+@pytest.mark.slow  # ~20-55 s; the default run keeps a lighter test of the same path
 def test_zero0_ep2_checkpoint_resumes_at_ep4_on_4_ranks(ep2_zero0_run, tmp_path, data_cache):
     overrides = ["parallel.ep_size=4", "engine=zero0", "train.micro_batch_size=2"]
     run_dir, dump = resume(ep2_zero0_run, tmp_path, data_cache, 4, overrides)
@@ -153,6 +156,7 @@ def test_zero0_ep2_checkpoint_resumes_at_ep4_on_4_ranks(ep2_zero0_run, tmp_path,
     assert_same_next_losses(ep2_zero0_run / "run", run_dir)
 
 
+@pytest.mark.slow  # ~20-55 s; the default run keeps a lighter test of the same path
 def test_zero0_ep1_checkpoint_resumes_at_ep2(tmp_path, data_cache):
     """The other direction: transformers names -> AutoEP shards."""
     source = tmp_path / "ep1"
