@@ -204,13 +204,13 @@ def distill_shared(
     view = ExpertView(shared)
     result = {}
     shared.eval()
+    for p in shared.parameters():  # each layer's new shared slice is switched on in turn below
+        p.requires_grad_(False)
     for layer in view.moe_layers:
         x, y = io[layer]
         block, mlp = view.block(layer).module, view.shared_experts(layer)
         params = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
         old = [p.detach().clone() for p in params]
-        for p in shared.parameters():
-            p.requires_grad_(False)
         for p in params:
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(params, lr=lr)
