@@ -24,38 +24,9 @@ if ! python3 -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 fi
 if [[ -n "${NODE_RANK:-}" ]]; then  # the roll call: every node says it is here, or the missing ones are named
-  NNODES=$NNODES NODE_RANK=$NODE_RANK MASTER_ADDR=$MASTER_ADDR ROLL_PORT=$((MASTER_PORT + 1)) \
-    JOIN_TIMEOUT=$JOIN_TIMEOUT RUN_ID="${RUN_ID:-connito}" TORCH_CPP_LOG_LEVEL=FATAL python3 - <<'PY'
-import os, socket, sys, time
-from datetime import timedelta
-from torch.distributed import TCPStore
-
-n, me, timeout = int(os.environ["NNODES"]), int(os.environ["NODE_RANK"]), float(os.environ["JOIN_TIMEOUT"])
-where = f"{os.environ['MASTER_ADDR']}:{os.environ['ROLL_PORT']}"
-prefix = f"connito/{os.environ['RUN_ID']}/"
-try:
-    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["ROLL_PORT"]), is_master=me == 0,
-                     timeout=timedelta(seconds=timeout), wait_for_workers=False)
-except Exception as err:  # node 0 hosts the roll call: it is the one missing
-    sys.exit(f"torchrun_multi_node: node 0 never joined the rendezvous: this node ({me}, {socket.gethostname()}) "
-             f"could not reach {where} within {timeout:g}s (JOIN_TIMEOUT): start node 0 on MASTER_ADDR "
-             f"({str(err).splitlines()[0]})")
-store.set(f"{prefix}node{me}", socket.gethostname())
-deadline = time.monotonic() + timeout
-keys = [f"{prefix}node{i}" for i in range(n)]
-while not store.check(keys) and time.monotonic() < deadline:
-    time.sleep(0.2)
-if not store.check(keys):
-    missing = [str(i) for i in range(n) if not store.check([keys[i]])]
-    here = [f"{i} ({store.get(keys[i]).decode()})" for i in range(n) if store.check([keys[i]])]
-    sys.exit(f"torchrun_multi_node: node {', '.join(missing)} never joined the rendezvous at {where} within "
-             f"{timeout:g}s (JOIN_TIMEOUT); joined: node {', '.join(here)}. Start the missing node(s) with "
-             f"NODE_RANK set, the same NNODES={n}, MASTER_ADDR, MASTER_PORT and RUN_ID")
-store.add(f"{prefix}done", 1)
-if me == 0:  # keep the store up until every node has read the roll
-    while store.add(f"{prefix}done", 0) < n and time.monotonic() < deadline + 30:
-        time.sleep(0.2)
-PY
+  python3 "$(dirname "$0")/roll_call.py" --nodes "$NNODES" --node-rank "$NODE_RANK" --addr "$MASTER_ADDR" \
+    --port $((MASTER_PORT + 1)) --timeout "$JOIN_TIMEOUT" --run-id "${RUN_ID:-connito}" --launcher torchrun_multi_node \
+    --same "NNODES=$NNODES, MASTER_ADDR, MASTER_PORT and RUN_ID"
 fi
 # torchrun shares its rendezvous store across restarts without a per-attempt prefix: a restarted group could read
 # the dead ranks' gloo addresses. A fresh store per restart avoids that.
