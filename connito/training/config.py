@@ -69,7 +69,12 @@ class TrainConfig:
     """Write an HF save_pretrained export (safetensors + tokenizer) of the final model."""
     stop_after: int = 0
     """Stop (after checkpointing) once this many steps are done in this invocation; 0 = run to ``steps``.
-    For time-sliced jobs (SLURM requeue) and the resume tests."""
+    For step-counted slices and the resume tests; ``stop_after_time`` bounds an invocation's wall time."""
+    stop_after_time: str = ""
+    """Stop (after checkpointing) before this much wall time has passed in this invocation: ``3h50m``, ``45m``,
+    ``5400`` (seconds); empty = no limit. The run stops after the last step that fits (judged by the mean step
+    time), so leave room for the final checkpoint. For time-sliced jobs: ``launch/slurm.sbatch`` sets it from the
+    SLURM job's time left and requeues the job until the run is finished (see connito.training.time_slice)."""
     nonfinite_loss: str = "stop"
     """What a NaN or inf training loss on any rank does. stop: every rank raises an error naming the step, the
     rank(s) and the micro-batch(es); skip: no rank applies that step's update (gradients dropped, parameters and

@@ -12,6 +12,7 @@ AutoEP, which keeps every rank reading its own micro-batch (see :mod:`connito.pa
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,6 +37,7 @@ from connito.training.evaluation import evaluate_by_domain
 from connito.training.metrics import MetricsSink
 from connito.training.run_state import Layout, TrainState, read_layout
 from connito.training.step import NONFINITE_MODES, skip_supported, train_step
+from connito.training.time_slice import TimeSlice, parse_duration, write_status
 
 log = logging.getLogger("connito.training")
 
@@ -45,7 +47,9 @@ class TrainResult:
     run_dir: Path
     steps_done: int
     finished: bool
-    """False when the run stopped early (train.stop_after) and can be resumed."""
+    """False when the run stopped early (train.stop_after, train.stop_after_time) and can be resumed."""
+    stopped_by: str | None = None
+    """Why an unfinished run stopped: ``train.stop_after`` or ``train.stop_after_time``."""
     validation: dict[str, float] = field(default_factory=dict)
     unigram: dict[str, float] = field(default_factory=dict)
     checkpoint: Path | None = None
@@ -61,6 +65,7 @@ def validate_train(train: TrainConfig) -> None:
     for name in ("steps", "micro_batch_size", "grad_accum"):
         if getattr(train, name) <= 0:
             raise ValueError(f"train.{name}={getattr(train, name)} must be a positive integer")
+    parse_duration(train.stop_after_time)  # a bad duration stops here, before any work
     if train.nonfinite_loss not in NONFINITE_MODES:
         raise ValueError(f"train.nonfinite_loss='{train.nonfinite_loss}' is not one of {', '.join(NONFINITE_MODES)}")
     if train.resume not in ("auto", "never") and not Path(train.resume).expanduser().is_dir():
@@ -131,6 +136,7 @@ class Trainer:
         self.state = TrainState()
         self._observer: RouterObserver | None = None
         self._last_checkpoint_step = -1
+        self._created_at = time.monotonic()  # train.stop_after_time counts from here
 
     # -- what callbacks call ---------------------------------------------------------------------------------------
     def add_loss_term(self, term: LossTerm) -> None:
@@ -294,6 +300,10 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_train_start(self)
         started_step = state.step
+        limit_s = parse_duration(cfg.train.stop_after_time)
+        time_slice = TimeSlice(limit_s, started_at=self._created_at) if limit_s else None
+        if time_slice is not None:
+            time_slice.start_loop()
         self.engine.train()
         while state.step < cfg.train.steps:
             losses = train_step(
@@ -310,17 +320,36 @@ class Trainer:
             state.tokens_seen += self.tokens_per_step
             for callback in self.callbacks:
                 callback.on_step_end(self, losses)
-            if (
-                cfg.train.stop_after
-                and state.step - started_step >= cfg.train.stop_after
-                and state.step < cfg.train.steps
-            ):
+            if state.step >= cfg.train.steps:
+                break
+            if cfg.train.stop_after and state.step - started_step >= cfg.train.stop_after:
+                self.result.stopped_by = "train.stop_after"
+                break
+            if time_slice is not None and time_slice.over(self.info.world_size, self.engine.device):
+                self.result.stopped_by = "train.stop_after_time"
                 break
         self.result.steps_done = state.step
         self.result.finished = state.step >= cfg.train.steps
         for callback in self.callbacks:
             callback.on_train_end(self)
         self.sink.close()
+        if self.info.is_main:
+            write_status(
+                self.run_dir,
+                {
+                    "finished": self.result.finished,
+                    "step": state.step,
+                    "steps": cfg.train.steps,
+                    "started_step": started_step,
+                    "stopped_by": None if self.result.finished else self.result.stopped_by,
+                    "checkpoint": str(self.result.checkpoint) if self.result.checkpoint else None,
+                },
+            )
+        if not self.result.finished and self.info.is_main:
+            log.info(
+                "stopped at step %d of %d (%s); the same command resumes from %s",
+                state.step, cfg.train.steps, self.result.stopped_by, self.result.checkpoint,
+            )  # fmt: skip
 
 
 def run_training(cfg: ConnitoConfig, run_dir: Path, callbacks: list[Callback] | None = None) -> TrainResult:

@@ -29,8 +29,7 @@ def run(cfg: TrainCommandConfig, run_dir: Path) -> float | None:
     from connito.training.trainer import run_training  # here, not at the top: `connito --help` stays fast
 
     result = run_training(cfg, run_dir)
-    if not result.finished:
-        log.info("stopped at step %d; run the same command again to resume", result.steps_done)
+    if not result.finished:  # the trainer said where it stopped and how to resume
         return None
     if cfg.analysis is not None and result.trainer.info.is_main:
         if result.export_dir is None:
