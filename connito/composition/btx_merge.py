@@ -35,6 +35,14 @@ N, cast to the checkpoint's dtype), or with ``shared="seed"`` the seed's own. Ro
 ``torch.Generator`` seeded by ``seed``, or given: an [E, H] tensor for every layer or [L, E, H] per layer (e.g.
 per-domain mean hidden states, rows in expert order), cast to the checkpoint's dtype.
 
+**Chunks** (``chunks=C``, the paper's split of each FFN into several experts): every FFN is cut along its
+intermediate width into C experts of width I / C; expert ``s * C + c`` is chunk c of source s (branch s, or the
+generalist): gate and up rows ``[c * I/C, (c+1) * I/C)`` and those columns of down_proj times C; top-k becomes
+``2 * C``. A SwiGLU FFN is the sum of its chunks, so where the router gives a source's chunks equal logits (equal
+router rows, as per-domain mean rows repeated per chunk are), renormalised top-2C routing picks whole sources and
+gives each chunk 1/C of its source's weight, which the factor C makes up for: the model then computes what whole
+experts compute, up to float summation order. With C a power of two the scaling is exact.
+
 **Refused before anything is written**: fewer than 2 branches, a branch given twice or equal to the seed, an output
 directory equal to, inside or holding an input (or existing, without ``overwrite``), a branch of another
 ``model_type`` or whose ``config.json`` differs from the seed's in any key (but those in
@@ -48,8 +56,8 @@ temporary directory and renamed into place, with the seed's tokenizer files and 
 the family checks, the MoE config and the staged writing are :mod:`connito.composition.dense_to_moe`, shared with
 FlexOLMo's owner checkpoints (:mod:`connito.composition.flexolmo`).
 
-Shape legend: N branches, E experts per layer (N, or N + 1 with the generalist), L decoder layers, H hidden size,
-I dense FFN width.
+Shape legend: N branches, C chunks per FFN, E experts per layer ((N, or N + 1 with the generalist) x C), L decoder
+layers, H hidden size, I dense FFN width.
 """
 
 from __future__ import annotations
@@ -107,8 +115,12 @@ class BTXOptions:
     """``random`` (normal, std = the seed's initializer_range, seeded) or ``given`` (a tensor was passed)."""
     seed: int = 0
     """Seed of the random router weights' generator."""
+    chunks: int = 1
+    """Experts per FFN: each FFN cut into this many along its intermediate width; top-k is 2 x chunks."""
 
     def __post_init__(self):
+        if not isinstance(self.chunks, int) or self.chunks < 1:
+            raise BTXError(f"chunks={self.chunks!r}: expected a positive integer (1 keeps whole FFNs)")
         if self.family not in FAMILY_OF_SEED.values():
             raise BTXError(f"family='{self.family}' is not one BTX writes: {', '.join(FAMILY_OF_SEED.values())}")
         if self.shared not in ("average", "seed"):
@@ -172,7 +184,8 @@ def _router_rows(router_init: str | torch.Tensor, seed: int, shape_LEH: tuple[in
     if not isinstance(router_init, torch.Tensor):
         generator = torch.Generator().manual_seed(seed)
         return torch.empty(shape_LEH).normal_(0.0, std, generator=generator)
-    return given_router_rows(router_init, shape_LEH, order="branches, then the generalist", error=BTXError)
+    order = "branches, then the generalist; a source's chunks one after another"
+    return given_router_rows(router_init, shape_LEH, order=order, error=BTXError)
 
 
 def _fill(
@@ -192,12 +205,13 @@ def _fill(
             else:
                 param.copy_(branch_mean((b.tensor(name) for b in branches), len(branches), param.dtype))
             written.add(id(param))
+        chunks = options.chunks
         for layer in view.moe_layers:
-            for expert, source in enumerate(sources):
-                ffn = source.ffn(layer)
-                view.write_expert((layer, expert), fuse_experts(ffn["gate_proj"], ffn["up_proj"], ffn["down_proj"]))
+            for index, source in enumerate(sources):
+                for chunk, weights in enumerate(ffn_chunks(source.ffn(layer), chunks)):
+                    view.write_expert((layer, index * chunks + chunk), weights)
             router = view.router_weight(layer)
-            view.write_router_rows(layer, list(range(len(sources))), routers_LEH[layer].to(router.dtype))
+            view.write_router_rows(layer, list(range(len(sources) * chunks)), routers_LEH[layer].to(router.dtype))
             written |= {id(p) for p in view.block(layer).stacked_params().values()} | {id(router)}
             shared_expert, gate = view.shared_experts(layer), view.shared_expert_gate(layer)
             if shared_expert is not None:
@@ -210,6 +224,20 @@ def _fill(
         raise BTXError(f"internal error: the merge left {missing[:4]} unwritten; please report it")
 
 
+def ffn_chunks(ffn: dict[str, torch.Tensor], chunks: int) -> list[dict[str, torch.Tensor]]:
+    """A SwiGLU FFN (gate_proj/up_proj [I, H], down_proj [H, I]) as ``chunks`` fused experts of width I / chunks,
+    down_proj columns times ``chunks`` (see the module docstring); ``chunks=1``: the FFN itself, bit for bit."""
+    if chunks == 1:
+        return [fuse_experts(ffn["gate_proj"], ffn["up_proj"], ffn["down_proj"])]
+    width = ffn["gate_proj"].shape[0] // chunks
+    parts = []
+    for chunk in range(chunks):
+        rows = slice(chunk * width, (chunk + 1) * width)
+        down = ffn["down_proj"][:, rows] * chunks
+        parts.append(fuse_experts(ffn["gate_proj"][rows], ffn["up_proj"][rows], down))
+    return parts
+
+
 def merge_branches(
     seed_path: str | Path,
     branch_paths: Sequence[str | Path],
@@ -220,6 +248,7 @@ def merge_branches(
     shared: str = "average",
     router_init: str | torch.Tensor = "random",
     seed: int = 0,
+    chunks: int = 1,
     overwrite: bool = False,
 ) -> Path:
     """Merge dense ``branch_paths`` (trained from ``seed_path``) into an MoE checkpoint at ``out_dir`` (returned).
@@ -240,15 +269,23 @@ def merge_branches(
     branches = [DenseCheckpoint(p, f"branch {i}", BTXError) for i, p in enumerate(branch_dirs)]
     given = isinstance(router_init, torch.Tensor)
     family = check_seed(base, family, method="BTX", error=BTXError)
-    options = BTXOptions(family, generalist, shared, "given" if given else router_init, seed)
+    options = BTXOptions(family, generalist, shared, "given" if given else router_init, seed, chunks)
     for branch in branches:
         _check_inputs(base, branch)
     dtype, config = base.dtype(), base.config
-    num_experts = len(branches) + int(generalist)
+    width = int(config["intermediate_size"])
+    if width % chunks:
+        raise BTXError(
+            f"chunks={chunks} does not divide the FFN width intermediate_size={width}: choose a divisor of {width}"
+        )
+    num_experts = (len(branches) + int(generalist)) * chunks
     shape_LEH = (int(config["num_hidden_layers"]), num_experts, int(config["hidden_size"]))
     std = float(config.get("initializer_range", 0.02))
     routers_LEH = _router_rows(router_init, seed, shape_LEH, std)
-    moe_config = target_config(config, options.family, num_experts, top_k=TOP_K, error=BTXError)
+    top_k = TOP_K * chunks
+    moe_config = target_config(
+        config, options.family, num_experts, top_k=top_k, error=BTXError, expert_width=width // chunks
+    )
     model = build_moe(moe_config, base, dtype, error=BTXError)
     fingerprints = [checkpoint_fingerprint(c.path) for c in [base, *branches]]
     if len(set(fingerprints[1:])) < len(branches):
@@ -256,6 +293,8 @@ def merge_branches(
     log.info("merging %d branches of %s into %s, %d experts per layer", len(branches), seed_dir, out, num_experts)
     _fill(model, base, branches, options, routers_LEH)
     experts = [f"branch {i}" for i in range(len(branches))] + (["seed (generalist)"] if generalist else [])
+    if chunks > 1:
+        experts = [f"{source}, chunk {c} of {chunks}" for source in experts for c in range(chunks)]
     provenance = {
         "schema": SCHEMA,
         "method": "branch-train-mix merge (Sukhbaatar et al. 2024)",
@@ -265,7 +304,7 @@ def merge_branches(
         "experts": experts,
         "shared_expert": "seed FFN, gate weight 0 (scale 0.5)" if options.family == "qwen2_moe" else None,
         "router": {
-            "top_k": TOP_K,
+            "top_k": top_k,
             "norm_topk_prob": True,
             "aux_loss_coef": ROUTER_AUX_LOSS_COEF,
             "init": "given tensor" if given else f"normal(0, {std}), seed {seed}",

@@ -188,21 +188,30 @@ def given_router_rows(
 
 
 def target_config(
-    seed_config: dict, family: str, num_experts: int, *, top_k: int, error: type[ModelError] = ModelError
+    seed_config: dict,
+    family: str,
+    num_experts: int,
+    *,
+    top_k: int,
+    error: type[ModelError] = ModelError,
+    expert_width: int | None = None,
 ) -> PretrainedConfig:
-    """The MoE config: the seed's attention, norm, RoPE and vocabulary keys, E experts of the dense FFN width, top-k
-    ``top_k`` (renormalised), load-balancing coefficient :data:`ROUTER_AUX_LOSS_COEF`."""
+    """The MoE config: the seed's attention, norm, RoPE and vocabulary keys, E experts of the dense FFN width (or
+    ``expert_width``: FFNs split into chunks), top-k ``top_k`` (renormalised), load-balancing coefficient
+    :data:`ROUTER_AUX_LOSS_COEF`. A qwen2_moe shared expert keeps the dense FFN width."""
     defaults = AutoConfig.for_model(family).to_dict()
     carried = {k: v for k, v in seed_config.items() if k in defaults and k not in NOT_CARRIED}
     carried["head_dim"] = (
         seed_config.get("head_dim") or seed_config["hidden_size"] // seed_config["num_attention_heads"]
     )
     width = seed_config["intermediate_size"]
-    moe = {"num_experts_per_tok": top_k, "router_aux_loss_coef": ROUTER_AUX_LOSS_COEF, "intermediate_size": width}
+    expert_width = expert_width or width
+    moe = {"num_experts_per_tok": top_k, "router_aux_loss_coef": ROUTER_AUX_LOSS_COEF}
     if family == "mixtral":
-        moe["num_local_experts"] = num_experts
+        moe.update(num_local_experts=num_experts, intermediate_size=expert_width)
     else:
-        moe.update(num_experts=num_experts, moe_intermediate_size=width, norm_topk_prob=True)
+        moe.update(intermediate_size=width, num_experts=num_experts, moe_intermediate_size=expert_width)
+        moe.update(norm_topk_prob=True)
         moe.update(decoder_sparse_step=1, mlp_only_layers=[])
     if family == "qwen2_moe":
         moe.update(shared_expert_intermediate_size=width, qkv_bias=True)

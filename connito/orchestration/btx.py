@@ -24,8 +24,8 @@ domain_means``, with row i = the seed's mean FFN input on domain i's training te
 (:func:`connito.composition.hidden_means.mean_ffn_inputs`). Fine-tuning trains every parameter (``finetune.train=
 all``, the paper's) or the routers alone (``router``: experts and everything else frozen by the slice-exact
 gradient masks). The dense baseline is matched in steps (and so in tokens), not in FLOPs: a top-2 step of the
-merged model costs about twice the FFN compute of a dense step. Not built: splitting each FFN into C chunks
-(N x C experts); the merge keeps whole FFNs.
+merged model costs about twice the FFN compute of a dense step. ``mix.chunks=C`` splits each FFN into C experts
+(N x C experts, top-2C: the same active FFN width per token), see :mod:`connito.composition.btx_merge`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from connito.orchestration.recipe import (
     WEIGHTS,
     job_ranks,
     mean_hidden_rows,
+    model_preset,
     planned,
     require_done,
     run_root,
@@ -87,6 +88,8 @@ class MixConfig:
     """router_init=domain_means: training tokens per domain the means are taken over."""
     seed: int = 0
     """Seed of the random router weights."""
+    chunks: int = 1
+    """Experts per FFN: each FFN cut into this many along its width, top-k 2 x chunks (1: whole FFNs, the default)."""
 
 
 @dataclass
@@ -148,6 +151,23 @@ def seed_dir(cfg: BtxConfig, root: Path) -> Path:
     return Path(cfg.seed.path).expanduser().resolve() if cfg.seed.path else root / "seed" / "hf"
 
 
+def _check_chunks(cfg: BtxConfig) -> None:
+    """``mix.chunks`` divides the seed's FFN width, checked before any branch trains (the merge checks it again)."""
+    chunks = cfg.mix.chunks
+    if not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"mix.chunks={chunks!r}: expected a positive integer (1 keeps whole FFNs)")
+    if cfg.seed.path:
+        config = json.loads((Path(cfg.seed.path).expanduser() / "config.json").read_text())
+    else:
+        config = model_preset(cfg.seed.model, "seed.model").get("hf_config", {})
+    width = config.get("intermediate_size")
+    if width and width % chunks:
+        raise ValueError(
+            f"mix.chunks={chunks} does not divide the seed's FFN width (intermediate_size={width}): choose a divisor "
+            f"of {width}"
+        )
+
+
 def plan_btx(cfg: BtxConfig) -> Plan:
     """The stages of ``cfg``'s pipeline (see the module docstring)."""
     if cfg.finetune.train not in FINETUNE_TRAINS:
@@ -156,6 +176,7 @@ def plan_btx(cfg: BtxConfig) -> Plan:
         raise ValueError(f"mix.router_init={cfg.mix.router_init!r}: choose random or domain_means")
     if cfg.seed.path and not (Path(cfg.seed.path).expanduser() / "config.json").is_file():
         raise ValueError(f"seed.path={cfg.seed.path!r} is not a checkpoint directory (no config.json)")
+    _check_chunks(cfg)
     root, domains = run_root(cfg.run), branch_domains(cfg)
     ranks = job_ranks(cfg.launcher)
     data = changed_overrides("data", cfg.data)
@@ -215,15 +236,16 @@ def run_merge(root: Path) -> Path:
         router_init = domain_mean_rows(seed, DataConfig(**settings["data"]), settings["domains"], mix)
     return merge_branches(
         seed, branches, root / "merged", generalist=mix.generalist, shared=mix.shared, router_init=router_init,
-        seed=mix.seed, overwrite=True,
+        seed=mix.seed, chunks=mix.chunks, overwrite=True,
     )  # fmt: skip
 
 
 def domain_mean_rows(seed: Path, data: DataConfig, domains: list[str], mix: MixConfig):
     """[L, E, H]: per layer, row i = the seed's mean FFN input over domain i's training text (the generalist's row,
-    when there is one, the mean over all domains)."""
+    when there is one, the mean over all domains); with ``mix.chunks`` > 1 each row once per chunk of its source."""
     sets = [[domain] for domain in domains] + ([list(domains)] if mix.generalist else [])
-    return mean_hidden_rows(seed, data, sets, mix.router_tokens)
+    rows_LSH = mean_hidden_rows(seed, data, sets, mix.router_tokens)
+    return rows_LSH.repeat_interleave(mix.chunks, dim=1)
 
 
 def run_report(root: Path) -> dict:

@@ -51,6 +51,7 @@ from connito.orchestration.recipe import (
     WEIGHTS,
     check_domain_names,
     job_ranks,
+    model_preset,
     planned,
     require_done,
     run_root,
@@ -207,17 +208,9 @@ def _check_moe_checkpoint(path: Path, what: str) -> None:
 
 
 def _check_moe_preset(name: str) -> None:
-    from omegaconf import OmegaConf
-
-    from connito.cli.paths import config_dir
     from connito.models.families import get_family
 
-    presets = Path(config_dir()) / "model"
-    path = presets / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in presets.glob("*.yaml")))
-        raise ValueError(f"base.model={name!r} is not a model preset; the presets: {known}")
-    family = OmegaConf.load(path).get("family", "")
+    family = model_preset(name, "base.model").get("family", "")
     if not get_family(family).is_moe:
         raise ValueError(f"base.model={name!r} is a dense {family} model: expert groups need a Mixture-of-Experts base")
 

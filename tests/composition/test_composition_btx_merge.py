@@ -228,6 +228,7 @@ def test_provenance_and_tokenizer_files(merged):
         "shared": "average",
         "router_init": "random",
         "seed": 0,
+        "chunks": 1,
     }
     for name, text in TOKENIZER.items():
         assert (out / name).read_text() == text
@@ -284,6 +285,15 @@ REFUSALS = {
     ),
     "unknown family": (lambda root, seed, branches: {"family": "olmoe"}, "family='olmoe' is not one BTX writes"),
     "unknown shared": (lambda root, seed, branches: {"shared": "median"}, "shared='median'"),
+    "chunks not dividing the width": (
+        lambda root, seed, branches: {"chunks": 3},
+        "chunks=3 does not divide the FFN width intermediate_size=32: choose a divisor of 32",
+    ),
+    "no chunks": (lambda root, seed, branches: {"chunks": 0}, "chunks=0: expected a positive integer"),
+    "router rows of whole experts with chunks": (
+        lambda root, seed, branches: {"chunks": 2, "router_init": torch.zeros(3, 64)},
+        r"expected float \[E, H\] = \[6, 64\] .* a source's chunks one after another",
+    ),
     "router shape": (
         lambda root, seed, branches: {"router_init": torch.zeros(4, 64)},
         r"router_init .* shape \[4, 64\]; expected float \[E, H\] = \[3, 64\]",
@@ -310,3 +320,50 @@ def test_refuses_seeds_the_family_cannot_hold(tmp_path, merged):
     with pytest.raises(ModelError, match="qwen2_moe already keeps it as the always-on shared expert"):
         merge_branches(seed, branches, tmp_path / "out", generalist=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILY))
+@pytest.mark.parametrize("chunks", [2, 4])
+def test_chunks_are_slices_of_their_branch_ffn_that_sum_to_it(merged, model_type, chunks):
+    seed, branches, out = merged(model_type, chunks=chunks)
+    model = load(out)
+    view = ExpertView(model)
+    assert (view.num_experts, view.top_k) == (3 * chunks, 2 * chunks)
+    width = TINY["intermediate_size"] // chunks
+    x = torch.randn(7, TINY["hidden_size"], generator=torch.Generator().manual_seed(3))
+    for i, path in enumerate(branches):
+        branch = load(path)
+        for layer in view.moe_layers:
+            mlp = branch.model.layers[layer].mlp
+            parts = [view.read_expert((layer, i * chunks + c)) for c in range(chunks)]
+            for c, part in enumerate(parts):
+                rows = slice(c * width, (c + 1) * width)
+                gate, up = part["gate_up_proj"].chunk(2, dim=0)
+                assert torch.equal(gate, mlp.gate_proj.weight[rows]) and torch.equal(up, mlp.up_proj.weight[rows])
+                assert torch.equal(part["down_proj"], mlp.down_proj.weight[:, rows] * chunks)  # exact: a power of 2
+            total = sum(swiglu(x, part) for part in parts) / chunks
+            torch.testing.assert_close(total, mlp(x), rtol=0, atol=1e-6)
+    if model_type == "qwen2":  # the shared expert is the seed's whole FFN
+        assert model.config.shared_expert_intermediate_size == TINY["intermediate_size"]
+        assert model.config.moe_intermediate_size == width
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILY))
+def test_chunked_experts_with_repeated_router_rows_compute_what_whole_experts_compute(tmp_path, model_type):
+    seed, branches = make_set(tmp_path, model_type)
+    generalist = model_type != "qwen2"  # qwen2_moe keeps the seed's FFN as its shared expert instead
+    sources = len(branches) + int(generalist)
+    rows_LSH = torch.randn(2, sources, TINY["hidden_size"], generator=torch.Generator().manual_seed(7))
+    whole = load(merge_branches(seed, branches, tmp_path / "whole", generalist=generalist, router_init=rows_LSH))
+    chunked = load(
+        merge_branches(seed, branches, tmp_path / "chunked", generalist=generalist, chunks=4,
+                       router_init=rows_LSH.repeat_interleave(4, dim=1))
+    )  # fmt: skip
+    input_ids = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(input_ids).logits, whole(input_ids).logits, rtol=0, atol=1e-5)
+    provenance = json.loads((tmp_path / "chunked" / PROVENANCE_FILE).read_text())
+    assert provenance["router"]["top_k"] == 8 and provenance["experts"][:2] == [
+        "branch 0, chunk 0 of 4",
+        "branch 0, chunk 1 of 4",
+    ]

@@ -59,6 +59,15 @@ def test_plan_options(tmp_path):
         plan_btx(config(tmp_path, domains=["code"]))
     with pytest.raises(ValueError, match="not a checkpoint directory"):
         plan_btx(config(tmp_path, **{"seed.path": str(tmp_path / "nowhere")}))
+    # Chunks that do not divide the seed's FFN width are refused before any branch trains.
+    assert plan_btx(config(tmp_path, **{"mix.chunks": 4})).stages[2].settings["mix"]["chunks"] == 4
+    with pytest.raises(ValueError, match=r"mix.chunks=3 does not divide the seed's FFN width \(intermediate_size=256"):
+        plan_btx(config(tmp_path, **{"mix.chunks": 3}))
+    (seed / "config.json").write_text('{"intermediate_size": 96}')
+    with pytest.raises(ValueError, match=r"mix.chunks=5 does not divide .*intermediate_size=96"):
+        plan_btx(config(tmp_path, **{"seed.path": str(seed), "mix.chunks": 5}))
+    with pytest.raises(ValueError, match="mix.chunks=0: expected a positive integer"):
+        plan_btx(config(tmp_path, **{"mix.chunks": 0}))
 
 
 def test_the_merge_refuses_an_incomplete_set_of_branches(tmp_path):
