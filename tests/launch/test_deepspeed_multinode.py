@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, free_port, small_overrides
-from tests.launch.test_multinode import curve, script_env
+from tests.helpers import REPO, free_port
+from tests.launch.test_multinode import curve, one_node_reference, script_env
 
 SCRIPT = str(REPO / "launch" / "deepspeed_multi_node.sh")
 
@@ -57,24 +57,11 @@ def two_nodes(args: list[str], cwd: Path, timeout: float = 300) -> list[subproce
 @pytest.mark.slow
 @pytest.mark.parametrize("ep_size", [1, 2])
 def test_two_deepspeed_nodes_train_what_one_node_trains(data_cache, tmp_path, ep_size):
-    args = small_overrides(data_cache) + [
-        "train.steps=4",
-        "train.eval_every=0",
-        "train.export=false",
-        f"parallel.ep_size={ep_size}",
-        f"run.root={tmp_path / 'runs'}",
-    ]
-    one = subprocess.run(
-        [str(REPO / "launch" / "torchrun_single_node.sh"), "run.name=one", *args],
-        cwd=tmp_path, env=script_env(NPROC="2"), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert one.returncode == 0, one.stderr[-4000:]
+    args, reference = one_node_reference(data_cache, tmp_path, ep_size)
     nodes = two_nodes(["run.name=two", *args], tmp_path)
     for node in nodes:
         assert node.returncode == 0, node.stderr[-4000:]
     assert "--node_rank=1" in nodes[1].stderr + nodes[1].stdout  # the per-node mode's local launch, not pdsh
-    reference = curve(tmp_path / "runs" / "one")
-    assert len(reference) == 4
     assert curve(tmp_path / "runs" / "two") == reference  # bit for bit: same rows, same reductions
 
 

@@ -55,10 +55,9 @@ def two_nodes(args: list[str], cwd: Path, timeout: float = 300, **extra: str) ->
     return outs
 
 
-@pytest.mark.distributed
-@pytest.mark.slow
-@pytest.mark.parametrize("ep_size", [1, 2])
-def test_two_nodes_train_what_one_node_trains(data_cache, tmp_path, ep_size):
+def one_node_reference(data_cache: Path, tmp_path: Path, ep_size: int) -> tuple[list[str], list[dict]]:
+    """The overrides of a 4-step run at ``ep_size``, and the loss curve one node with two ranks trains with them
+    (``<tmp_path>/runs/one``); the multi-node runs go to ``run.name=two``."""
     args = small_overrides(data_cache) + [
         "train.steps=4",
         "train.eval_every=0",
@@ -71,11 +70,19 @@ def test_two_nodes_train_what_one_node_trains(data_cache, tmp_path, ep_size):
         cwd=tmp_path, env=script_env(NPROC="2"), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert one.returncode == 0, one.stderr[-4000:]
+    reference = curve(tmp_path / "runs" / "one")
+    assert len(reference) == 4
+    return args, reference
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("ep_size", [1, 2])
+def test_two_nodes_train_what_one_node_trains(data_cache, tmp_path, ep_size):
+    args, reference = one_node_reference(data_cache, tmp_path, ep_size)
     nodes = two_nodes(["run.name=two", *args], tmp_path)
     for node in nodes:
         assert node.returncode == 0, node.stderr[-4000:]
-    reference = curve(tmp_path / "runs" / "one")
-    assert len(reference) == 4
     assert curve(tmp_path / "runs" / "two") == reference  # bit for bit: same rows, same reductions
 
 
