@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO, free_port
-from tests.launch.test_multinode import curve, one_node_reference, script_env
+from tests.launch.test_multinode import curve, lone_node, one_node_reference, script_env
 
 SCRIPT = str(REPO / "launch" / "deepspeed_multi_node.sh")
 
@@ -88,20 +88,7 @@ def test_a_node_that_never_joins_is_named(tmp_path, present):
     """Only node `present` of a two-host hostfile starts; the roll call gives up after JOIN_TIMEOUT naming the
     other node, before deepspeed starts (whose own rendezvous would only say "1/2 clients joined")."""
     (tmp_path / "hostfile").write_text("# two machines\nnode0 slots=1\n\nnode1 slots=1\n")
-    proc = subprocess.run(
-        [SCRIPT, "train"],
-        cwd=tmp_path,
-        env=script_env(
-            HOSTFILE="hostfile",
-            NODE_RANK=str(present),
-            MASTER_ADDR="localhost",
-            MASTER_PORT=str(free_port()),
-            JOIN_TIMEOUT="3",
-        ),  # fmt: skip
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = lone_node("deepspeed_multi_node.sh", tmp_path, present, HOSTFILE="hostfile")
     assert proc.returncode != 0
     assert f"deepspeed_multi_node: node {1 - present} never joined the rendezvous" in proc.stderr, proc.stderr[-3000:]
     assert "HOSTFILE (2 nodes)" in proc.stderr or present == 1  # node 0 absent: the message says to start it

@@ -86,24 +86,24 @@ def test_two_nodes_train_what_one_node_trains(data_cache, tmp_path, ep_size):
     assert curve(tmp_path / "runs" / "two") == reference  # bit for bit: same rows, same reductions
 
 
-@pytest.mark.parametrize("present", [0, 1])
-def test_a_node_that_never_joins_is_named(tmp_path, present):
-    """Only node `present` starts; it gives up after JOIN_TIMEOUT naming the other node."""
-    proc = subprocess.run(
-        [str(REPO / "launch" / "torchrun_multi_node.sh"), "train"],
-        cwd=tmp_path,
+def lone_node(script: str, cwd: Path, present: int, **env: str) -> subprocess.CompletedProcess:
+    """Node ``present`` of two, started alone on localhost with a 3 s JOIN_TIMEOUT: it must give up."""
+    return subprocess.run(
+        [str(REPO / "launch" / script), "train"],
+        cwd=cwd,
         env=script_env(
-            NNODES="2",
-            NODE_RANK=str(present),
-            NPROC="1",
-            MASTER_ADDR="localhost",
-            MASTER_PORT=str(free_port()),
-            JOIN_TIMEOUT="3",
+            NODE_RANK=str(present), MASTER_ADDR="localhost", MASTER_PORT=str(free_port()), JOIN_TIMEOUT="3", **env
         ),  # fmt: skip
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+@pytest.mark.parametrize("present", [0, 1])
+def test_a_node_that_never_joins_is_named(tmp_path, present):
+    """Only node `present` starts; it gives up after JOIN_TIMEOUT naming the other node."""
+    proc = lone_node("torchrun_multi_node.sh", tmp_path, present, NNODES="2", NPROC="1")
     assert proc.returncode != 0
     assert f"node {1 - present} never joined the rendezvous" in proc.stderr, proc.stderr[-3000:]
     assert "JOIN_TIMEOUT" in proc.stderr
