@@ -35,7 +35,7 @@ N, cast to the checkpoint's dtype), or with ``shared="seed"`` the seed's own. Ro
 ``torch.Generator`` seeded by ``seed``, or given: an [E, H] tensor for every layer or [L, E, H] per layer (e.g.
 per-domain mean hidden states, rows in expert order), cast to the checkpoint's dtype.
 
-**Chunks** (``chunks=C``, the paper's split of each FFN into several experts): every FFN is cut along its
+**Chunks** (``chunks=C``: N x C experts, each FFN split into several): every FFN is cut along its
 intermediate width into C experts of width I / C; expert ``s * C + c`` is chunk c of source s (branch s, or the
 generalist): gate and up rows ``[c * I/C, (c+1) * I/C)`` and those columns of down_proj times C; top-k becomes
 ``2 * C``. A SwiGLU FFN is the sum of its chunks, so where the router gives a source's chunks equal logits (equal
