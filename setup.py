@@ -33,8 +33,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-timeout>=2.3"],
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "pre-commit>=3"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.9"],
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "triton>=3.9", "ruff>=0.6", "pre-commit>=3"],
 }
 
 setup(
@@ -45,10 +45,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["connito", "connito.*"]) + ["connito._configs"],
+    packages=find_packages(include=["connito", "connito.*"]) + ["connito._configs", "connito.kernels"],
     # The Hydra configs live at the top level (configs/) in the source tree; an installed (non-editable)
-    # copy carries them inside the package as connito/_configs. connito.cli.paths finds either.
-    package_dir={"connito._configs": "configs"},
+    # copy carries them inside the package as connito/_configs. connito.cli.paths finds either. The kernels
+    # (kernels/, top level) install as connito.kernels: a top-level "kernels" would shadow Hugging Face's package.
+    package_dir={"connito._configs": "configs", "connito.kernels": "kernels"},
     package_data={"connito._configs": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
