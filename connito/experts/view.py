@@ -36,6 +36,7 @@ from connito.experts.blocks import (
     autoep_layer_class,
     check_materialized,
 )
+from connito.experts.lean.slots import sync as lean_sync
 from connito.models.families import Family, ModelError, get_family
 
 
@@ -71,6 +72,7 @@ class ExpertView:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        lean_sync(model)  # trained lean slots into their fused rows: reads see the current experts
         self.family = family_of(model)
         if not self.family.is_moe:
             raise ExpertAddressError(
