@@ -10,9 +10,10 @@ DeepSpeed config leaves ``gradient_clipping`` out (:func:`connito.training.deeps
 and the trainer calls :func:`clip_grad_norm_expert_parallel_` after the gradients are reduced, before the step.
 
 The norm: every non-expert gradient is the same on every rank after DeepSpeed's all-reduce (count it once); each
-rank of an expert-parallel group holds the reduced gradients of its own experts (sum their squares over the
-group). ``total = sqrt(dense + experts)``; the gradients are scaled by ``max_norm / (total + 1e-6)`` when that is
-below 1, DeepSpeed's own expression, so an ep-1 run and an ep-N run clip alike.
+rank of an expert-parallel group holds the reduced gradients of its own experts, AutoEP's tensors or the lean
+slots of its trainable experts (sum their squares over the group). ``total = sqrt(dense + experts)``; the gradients
+are scaled by ``max_norm / (total + 1e-6)`` when that is below 1, DeepSpeed's own expression, so an ep-1 run and an
+ep-N run clip alike.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ def clip_grad_norm_expert_parallel_(model: nn.Module, max_norm: float) -> torch.
     """Clip ``model``'s gradients (an AutoEP-replaced model, gradients already reduced) to ``max_norm`` by the
     global norm, and return that norm (fp32, before clipping). A collective over each expert-parallel group."""
     layers = list(autoep_layers(model).values())
+    # expert parameters: AutoEP's own, and any marked as DeepSpeed marks them (``allreduce=False``), as the lean
+    # slots of connito.experts.lean are (padding slots of a rank have zero gradients and add nothing)
     expert_params = {id(p) for layer in layers for p in layer.experts.parameters()}
+    expert_params |= {id(p) for p in model.parameters() if getattr(p, "allreduce", True) is False}
     grads = [(id(p) in expert_params, p.grad) for p in model.parameters() if p.grad is not None]
     if not grads:
         return torch.zeros(())

@@ -52,11 +52,22 @@ its decayed second moment, and the bias correction of its tensor's step count. P
 tokens update only that domain's experts) act on the backward pass itself (which tokens' contributions reach an
 expert's gradient) and compose with this mask, which keeps the optimizer side exact.
 
-What it does not save: optimizer state is per tensor (per flat partition under ZeRO 1/2), so a fused expert tensor
-with one trainable expert keeps AdamW moments for all its experts (zeros, for the frozen ones) and its backward
-still computes the whole weight gradient. An ESFT-like mask (~20% of each layer's experts) keeps ~98% of full
-fine-tuning's AdamW state on an expert-dominated model (``benchmarks/grad_masks.py``); only tensors with nothing to
-train (dense parts, layers without a chosen expert) are saved.
+**Lean experts** (the default, ``freeze_untrainable(lean=True)``; :mod:`connito.experts.lean`): a mask alone saves
+little, because optimizer state is per tensor (per flat partition under ZeRO 1/2): a fused expert tensor with one
+trainable expert would keep AdamW moments for all its experts and its backward would compute every expert's weight
+gradient (an ESFT-sized mask kept 98% of full fine-tuning's AdamW state). So every MoE layer that trains some but
+not all of its experts gets compact *slots*: its fused tensors freeze whole (the first mechanism) and the trainable
+experts this rank holds become parameters ``<layer>.lean_experts.{gate_up_proj,down_proj}`` [G, ...] that the
+experts forward computes through (weight gradient only for them, ``kernels/``). The slots are ordinary trainable
+parameters to everything here: they get row masks like any other (a slot row trains while its expert is in the
+set; :meth:`GradientMask.set_trainable` narrows them, and a padding slot of a rank with fewer trainable experts
+than another, under expert parallelism, is fully masked), and they stay trainable on every rank so the optimizer
+groups agree. A layer whose experts all train keeps its fused tensors (nothing to save); a layer with none freezes
+them. The slots can only hold the experts trainable when the engine is built (widen the set, and you get
+:class:`GradientMaskError` naming the fix, as with a frozen tensor). ``lean=False`` (``callbacks.trainable.lean``) is
+the mask-only path: the fallback for experts modules the lean forward does not compute (transposed, biased or
+ungated experts; the install names the module), and for a run that must resume under another expert-parallel
+layout (lean slots are shaped by it; :func:`connito.training.relayout.require_relayable`).
 
 Supported: the torch AdamW (or Adam without weight decay) the trainer builds, fp32, ZeRO 0/1/2, any ``ep_size``.
 Refused with the fix: bf16, ZeRO-3, ZeRO-Offload, coupled (L2) weight decay. Resuming a ZeRO-2 run with frozen
@@ -80,6 +91,8 @@ from torch import nn
 from connito.experts import ExpertAddressError, ExpertMask, ExpertView
 from connito.experts.autoep_mapping import AUTOEP_EXPERT_NAME, hf_expert_param, hf_name
 from connito.experts.blocks import AutoEPMoEBlock, MoEBlock
+from connito.experts.lean import LeanSlots
+from connito.experts.lean.install import LeanReport, bind_autoep, install, lean_layers
 from connito.training.config import EngineConfig
 from connito.training.zero_partitions import OptimizerTensor, Ranges, complement, optimizer_tensors, rows_to_ranges
 
@@ -187,11 +200,7 @@ def transformers_names(model: nn.Module, view: ExpertView) -> dict[int, list[str
     return names
 
 
-def resolve_masks(model: nn.Module, trainable: TrainableSet) -> list[ParamMask]:
-    """Every parameter of ``model`` (each once) with its trainable rows under ``trainable``.
-
-    Raises :class:`GradientMaskError` when the expert mask does not fit the model or a module glob matches no
-    parameter (a typo would otherwise train nothing silently)."""
+def _check_expert_mask(model: nn.Module, trainable: TrainableSet) -> ExpertView:
     view = ExpertView(model)
     experts = trainable.experts
     if experts.shape != (view.num_layers, view.num_experts) or list(experts.moe_layers) != view.moe_layers:
@@ -200,6 +209,16 @@ def resolve_masks(model: nn.Module, trainable: TrainableSet) -> list[ParamMask]:
             f"{view.num_layers} layers x {view.num_experts} experts, MoE layers {view.moe_layers}. Build the mask "
             "for this model (ExpertView(model).empty_mask())"
         )
+    return view
+
+
+def resolve_masks(model: nn.Module, trainable: TrainableSet) -> list[ParamMask]:
+    """Every parameter of ``model`` (each once) with its trainable rows under ``trainable``.
+
+    Raises :class:`GradientMaskError` when the expert mask does not fit the model or a module glob matches no
+    parameter (a typo would otherwise train nothing silently)."""
+    view = _check_expert_mask(model, trainable)
+    experts = trainable.experts
     mask_LE = experts.mask_LE
     keep: dict[int, torch.Tensor] = {}
     params: dict[int, tuple[str, nn.Parameter]] = {}
@@ -211,7 +230,10 @@ def resolve_masks(model: nn.Module, trainable: TrainableSet) -> list[ParamMask]:
         for param in [] if module is None else module.parameters():
             keep[id(param)][:] = True
 
+    lean = lean_layers(model)
     for piece in view.expert_param_slices():
+        if piece.layer in lean:  # frozen storage: this layer's trainable experts train through its slots
+            continue
         if piece.expert_dim != 0:
             raise GradientMaskError(f"{piece.name}: experts along dimension {piece.expert_dim}; masks cut dimension 0")
         rows = mask_LE[piece.layer, piece.experts.start : piece.experts.stop]
@@ -221,6 +243,11 @@ def resolve_masks(model: nn.Module, trainable: TrainableSet) -> list[ParamMask]:
                 f"beyond the mask's {experts.shape[1]} experts"
             )
         keep[id(piece.param)] |= rows
+    for layer, slots in lean.items():
+        _check_covered(slots, mask_LE[layer])
+        rows_G = torch.tensor([e >= 0 and bool(mask_LE[layer, e]) for e in slots.global_ids], dtype=torch.bool)
+        for param in slots.parameters():
+            keep[id(param)] |= rows_G
     for layer, block in view.blocks():
         if trainable.routers:
             train_whole(block.router_module)
@@ -242,6 +269,20 @@ def resolve_masks(model: nn.Module, trainable: TrainableSet) -> list[ParamMask]:
             for pid in hits:
                 keep[pid][:] = True
     return [ParamMask(name, param, keep[pid]) for pid, (name, param) in params.items()]
+
+
+def _check_covered(slots: LeanSlots, row_E: torch.Tensor) -> None:
+    """In a layer with lean slots only the slots' experts can train (the fused tensors are frozen storage); the
+    experts other expert-parallel ranks hold are theirs to check."""
+    wanted = [e for e in slots.held if row_E[e]]
+    outside = sorted(set(wanted) - set(slots.global_ids))
+    if outside:
+        raise GradientMaskError(
+            f"experts {[[slots.layer, e] for e in outside]} cannot become trainable: layer {slots.layer}'s lean slots "
+            f"hold experts {[e for e in slots.global_ids if e >= 0]} (the set trainable when the engine was built). "
+            "Freeze with the widest set the run will use (the union of its phases), then narrow it with "
+            "set_trainable"
+        )
 
 
 def _router_row_masks(layer: int, block: MoEBlock, rows_E: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
@@ -280,12 +321,26 @@ class FreezeReport:
     """Parameters partly trainable: they keep a gradient, masked by :class:`GradientMask`."""
     trainable_numel: int
     total_numel: int
+    lean: LeanReport | None = None
+    """The layers whose trainable experts got lean slots (None: the mask-only path)."""
 
 
-def freeze_untrainable(model: nn.Module, trainable: TrainableSet) -> FreezeReport:
+def freeze_untrainable(
+    model: nn.Module, trainable: TrainableSet, lean: bool = True, ep_size: int = 1, ep_rank: int = 0
+) -> FreezeReport:
     """Before the engine is built: ``requires_grad=False`` on every parameter with no trainable element, so it gets
     no gradient and no optimizer state. Refuses a set that trains nothing, and a trainable parameter something else
-    already froze (its optimizer state would be missing)."""
+    already froze (its optimizer state would be missing).
+
+    ``lean`` (the default): every MoE layer that trains some but not all of its experts gets lean slots
+    (:mod:`connito.experts.lean`): its fused expert tensors freeze and the trainable experts (those of this
+    expert-parallel rank, ``ep_rank`` of ``ep_size``) become compact parameters of their own, so frozen experts get
+    no weight gradient and no optimizer state. ``lean=False`` keeps the mask-only path (whole fused tensors in the
+    optimizer, frozen rows masked)."""
+    report = None
+    if lean:
+        _check_expert_mask(model, trainable)
+        report = install(model, trainable.experts, ep_size, ep_rank)
     masks = resolve_masks(model, trainable)
     blocked = [m.name for m in masks if m.any and not m.param.requires_grad]
     if blocked:
@@ -298,14 +353,18 @@ def freeze_untrainable(model: nn.Module, trainable: TrainableSet) -> FreezeRepor
             "the trainable set selects nothing: name experts (mask_file / experts), or set shared_experts, routers "
             "or modules (router_rows trains the rows of the named experts only)"
         )
-    for m in masks:
-        if not m.any:
-            m.param.requires_grad_(False)
+    # A layer's slots stay trainable on every rank, even where this rank's are padding only (ep > 1): every rank of
+    # a layer must build the same optimizer groups and the same autograd graph through AutoEP's all-to-alls.
+    slot_params = {id(p) for slots in lean_layers(model).values() for p in slots.parameters()}
+    frozen = [m for m in masks if not m.any and id(m.param) not in slot_params]
+    for m in frozen:
+        m.param.requires_grad_(False)
     return FreezeReport(
-        frozen=[m.name for m in masks if not m.any],
+        frozen=[m.name for m in frozen],
         masked=[m.name for m in masks if m.any and not m.all],
         trainable_numel=sum(m.trainable_numel() for m in masks),
-        total_numel=sum(m.param.numel() for m in masks),
+        total_numel=sum(m.param.numel() for m in masks if id(m.param) not in slot_params),
+        lean=report,
     )
 
 
@@ -361,6 +420,7 @@ class GradientMask:
         self.engine = engine
         self.inner = inner_optimizer(engine)
         check_engine(engine, self.inner)
+        bind_autoep(engine.module)  # lean slots under expert parallelism: AutoEP's experts compute through them
         self._keep: dict[int, torch.Tensor | bool] = {}
         self._masks: list[ParamMask] = []
         self._tensors: dict[int, OptimizerTensor] = {}

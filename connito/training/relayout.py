@@ -120,6 +120,24 @@ def plan_resume(saved: Layout | None, current: Layout, checkpoint: Path | None =
     return True
 
 
+def require_relayable(model, saved: Layout, current: Layout) -> None:
+    """A run that trains lean experts (:mod:`connito.experts.lean`, ``callbacks.trainable`` with ``lean=true``) keeps
+    the AdamW state of each rank's trainable experts in compact slots shaped by its expert-parallel layout (padded
+    to the most any rank holds); Connito re-lays fused expert tensors, not those. Raises the fix."""
+    from connito.experts.lean import lean_slots
+
+    if next(lean_slots(model), None) is None:
+        return
+    raise CheckpointLayoutError(
+        f"checkpoint written at {saved.describe()} cannot be resumed at {current.describe()}: this run trains lean "
+        "experts (callbacks.trainable.lean=true, the default: each rank's trainable experts and their optimizer "
+        "state live in compact slots shaped by the expert-parallel layout), which Connito does not re-lay. Resume "
+        f"at parallel.ep_size={saved.ep_size} engine.zero_stage={saved.zero_stage} on {saved.world_size} ranks, or "
+        "train with callbacks.trainable.lean=false (gradient masks inside the fused tensors) to change the layout "
+        "mid-run"
+    )
+
+
 def prepare_universal(checkpoint: Path, saved: Layout, current: Layout, layout: MoELayout, is_main: bool) -> Path:
     """Collective: rank 0 converts ``checkpoint`` into ``<checkpoint>/universal`` once (atomically); all wait.
     ``layout``: the family's :class:`connito.models.MoELayout`."""

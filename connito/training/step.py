@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from connito.experts.lean import sync as sync_lean_experts
 from connito.training.batches import PackedSplit, StepSampler
 from connito.training.callbacks import LossTerm, MicroBatch, check_loss_value
 from connito.training.losses import token_cross_entropy
@@ -168,6 +169,9 @@ def train_step(
         sums["loss"] += lm_loss.item()
         for name, value in values.items():
             sums[name] = sums.get(name, 0.0) + value.item()
+    # Lean experts (connito.experts.lean): the update went into the compact slots; write them into the fused
+    # tensors now, so whatever reads the parameters after the step (checkpoints, callbacks, evaluation) sees it.
+    sync_lean_experts(engine.module)
     means = {name: total / sampler.grad_accum for name, total in sums.items()}
     if grad_norm is not None:
         means["grad_norm"] = grad_norm

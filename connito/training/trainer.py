@@ -238,6 +238,8 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_model_built(self, model)
         universal, relaid = None, None
+        if convert:
+            relayout.require_relayable(model, saved_layout, self.layout)
         if convert and self.layout.zero_stage == 0:  # ZeRO 0 at another ep_size: Connito re-lays it after initialize
             relaid = partial(
                 relayout_zero0.load,

@@ -207,3 +207,21 @@ def test_the_trainer_refuses_before_any_data_work(tmp_path):
     with pytest.raises(CheckpointLayoutError, match="cannot be resumed at ep_size 1, world size 1"):
         run_training(cfg, tmp_path / "run")
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_lean_run_is_not_re_laid_and_the_error_names_the_saved_layout(tmp_path, data_cache):
+    """Lean experts keep each rank's trainable experts (and their AdamW state) in slots shaped by the layout."""
+    from connito.training.trainer import run_training
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "COMPLETE").write_text("")
+    layout = {"ep_size": 2, "world_size": 2, "zero_stage": 1, "model_type": "qwen3_moe"}
+    (checkpoint / "connito_state.json").write_text(json.dumps({"step": 2, "tokens_seen": 0, "layout": layout}))
+    (checkpoint.parent / "latest").write_text(checkpoint.name)
+    cfg = compose_train(small_overrides(data_cache) + ["engine=zero1", "+callbacks.trainable.experts=[[0,1]]"])
+    with pytest.raises(CheckpointLayoutError) as error:
+        run_training(cfg, tmp_path / "run")
+    message = str(error.value)
+    assert "trains lean experts" in message and "parallel.ep_size=2 engine.zero_stage=1 on 2 ranks" in message
+    assert "callbacks.trainable.lean=false" in message

@@ -44,6 +44,11 @@ class EngineArithmetic:
     ep_size: int = 1
     norms: list[float] | None = None
     """ZeRO 1/2: the pre-clip norm the engine reported at each step."""
+    lean: bool = True
+    """The engine trains through lean slots (``callbacks.trainable.lean``, the default): in a layer that trains some
+    but not all of its experts it holds the chosen experts' gradients stacked in one ``[G, ...]`` tensor per fused
+    tensor (ascending expert id), registered last in the decoder layer (``model.layers.<L>.lean_experts.*``),
+    instead of the fused ``[E, ...]`` tensor with zero rows."""
 
 
 @dataclass
@@ -173,13 +178,40 @@ def _average(grads_RM: list[list[list[torch.Tensor]]], per_micro_step: bool) -> 
     return _sum([[g / world for g in _sum(grads_RM[r])] for r in range(world)])  # accumulate on the rank, then average
 
 
+def _lean_order(order: list[str], fused, num_experts: int) -> list[str]:
+    """The engine's parameter order with lean slots: each partly trained layer's fused expert names move to the end
+    of their decoder layer's parameters (where ``<layer>.lean_experts`` is registered)."""
+    lean = [n for n, (_, _, experts) in fused.items() if len(experts) < num_experts]
+    out = [n for n in order if n not in lean]
+    for name in lean:
+        layer_prefix = ".".join(name.split(".")[:3]) + "."
+        last = max(i for i, n in enumerate(out) if n.startswith(layer_prefix))
+        out.insert(last + 1, name)
+    return out
+
+
 def _as_held(grads, live, fused, order: list[str], engine: EngineArithmetic, num_experts: int):
     """Per rank, the gradients as the engine's parameters hold them, in module order: the fused ``[E, ...]``
     tensors (zero rows included; a tensor whose experts all stopped still counts), the whole parameters; under
-    expert parallelism each rank's shard, ``gate_up_proj`` split into AutoEP's ``w1``/``w3``."""
+    expert parallelism each rank's shard, ``gate_up_proj`` split into AutoEP's ``w1``/``w3``. With lean slots
+    (ep 1), a partly trained layer's tensors are the chosen experts' gradients stacked (zeros for a dropped one)."""
     by_name: dict[str, dict] = {}
     for g, (name, e, _) in zip(grads, live):
         by_name.setdefault(name, {})[e] = g
+    if engine.lean and engine.ep_size == 1:
+        tensors = []
+        for name in _lean_order(order, fused, num_experts):
+            if name in fused and len(fused[name][2]) < num_experts:
+                got = by_name.get(name, {})
+                tensors.append(torch.stack([got.get(e, torch.zeros_like(p)) for e, p in fused[name][2].items()]))
+            elif name in fused:
+                full = torch.zeros_like(fused[name][0])
+                for e, g in by_name.get(name, {}).items():
+                    full[e] = g
+                tensors.append(full)
+            elif name in by_name:
+                tensors.append(by_name[name][None])
+        return [tensors] * engine.world
     local = num_experts // engine.ep_size
     out = []
     for rank in range(engine.world):

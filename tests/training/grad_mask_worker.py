@@ -72,17 +72,22 @@ def optimizer_report(engine) -> dict:
     if engine.zero_optimization_stage() in (1, 2):
         held += [p for group in engine.optimizer.bit16_groups for p in group]
     state = [s for s in inner.state.values() if "exp_avg" in s]
+    expert = lambda name: ".experts." in name or ".lean_experts." in name  # noqa: E731  (fused or lean slots)
     return {
         "frozen_in_optimizer": sum(id(p) in frozen for p in held),
         "frozen_numel": sum(p.numel() for p in engine.module.parameters() if not p.requires_grad),
         "frozen_expert_tensors": sorted(n for n, p in engine.module.named_parameters()
-                                        if ".experts." in n and not p.requires_grad),
+                                        if expert(n) and not p.requires_grad),
         "trainable_tensor_numel": sum(p.numel() for p in engine.module.parameters() if p.requires_grad),
         "trainable_expert_numel": sum(p.numel() for n, p in engine.module.named_parameters()
-                                      if ".experts." in n and p.requires_grad),
+                                      if expert(n) and p.requires_grad),
+        "fused_expert_numel": sum(p.numel() for n, p in engine.module.named_parameters() if ".experts." in n),
+        "lean_slot_numel": sum(p.numel() for n, p in engine.module.named_parameters() if ".lean_experts." in n),
         "exp_avg_numel": sum(s["exp_avg"].numel() for s in state),
         "state_bytes": sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values()
                            if torch.is_tensor(t)),
+        "step_bytes": sum(s["step"].numel() * s["step"].element_size() for s in state
+                          if torch.is_tensor(s.get("step"))),
     }  # fmt: skip
 
 

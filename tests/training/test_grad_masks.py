@@ -113,17 +113,22 @@ def test_a_mask_of_another_model_is_refused():
         resolve_masks(model, TrainableSet(wrong))
 
 
-def test_freezing_leaves_gradients_only_where_something_trains():
+@pytest.mark.parametrize("lean", [False, True], ids=["mask-only", "lean"])
+def test_freezing_leaves_gradients_only_where_something_trains(lean):
     model = build_tiny("qwen3_moe")
     view = ExpertView(model)
     experts = ExpertMask.from_ids([(1, 2)], view.num_layers, view.num_experts, view.moe_layers)
-    report = freeze_untrainable(model, TrainableSet(experts, routers=True))
+    report = freeze_untrainable(model, TrainableSet(experts, routers=True), lean=lean)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    # mask-only: the fused tensors of layer 1 train, masked to expert 2; lean: expert 2 alone is a parameter
+    where = "model.layers.1.lean_experts" if lean else "model.layers.1.mlp.experts"
     assert trainable == {f"model.layers.{i}.mlp.gate.weight" for i in range(3)} | {
-        "model.layers.1.mlp.experts.gate_up_proj",
-        "model.layers.1.mlp.experts.down_proj",
+        f"{where}.gate_up_proj",
+        f"{where}.down_proj",
     }
-    assert report.masked == ["model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"]
+    assert report.masked == ([] if lean else [f"{where}.gate_up_proj", f"{where}.down_proj"])
+    if lean:
+        assert report.lean.layers == [1] and model.model.layers[1].lean_experts.global_ids == [2]
     per_expert = sum(p[0].numel() for n, p in model.named_parameters() if "layers.1.mlp.experts" in n)
     routers = sum(p.numel() for n, p in model.named_parameters() if n.endswith("mlp.gate.weight"))
     assert report.trainable_numel == per_expert + routers
@@ -351,9 +356,20 @@ def test_two_ranks_keep_frozen_slices_bit_identical_and_train_the_rest_as_the_re
         experts = sum(r["trainable_expert_numel"] for r in reports) // (2 // ep_size)
         expected = experts + reports[0]["trainable_tensor_numel"] - reports[0]["trainable_expert_numel"]
         assert expected <= sum(state) < expected + 1024
-    frozen_experts = reports[0]["frozen_expert_tensors"]  # layer 3 has no chosen expert: its tensors have no state
-    assert frozen_experts and all(name.startswith("model.layers.3.mlp.experts.") for name in frozen_experts)
-    assert len(frozen_experts) == (2 if ep_size == 1 else 3)  # gate_up_proj, down_proj / AutoEP's w1, w2, w3
+    # Lean training: every fused expert tensor (gate_up_proj, down_proj / AutoEP's w1, w2, w3) is frozen storage;
+    # the trainable experts of layers 0-2 live in compact slots, each rank holding (and keeping AdamW state for)
+    # only its own trainable experts, padded at ep 2 to the largest count over the ranks (1 per layer here).
+    per_layer = 2 if ep_size == 1 else 3
+    for report in reports:
+        frozen_experts = report["frozen_expert_tensors"]
+        assert len(frozen_experts) == 4 * per_layer and all(".mlp.experts." in name for name in frozen_experts)
+        assert report["trainable_expert_numel"] == report["lean_slot_numel"]
+    slot = {1: 4, 2: 3}[ep_size]  # slots per rank: ep 1 all 4 chosen experts, ep 2 one per layer 0-2
+    expert_numel = reports[0]["fused_expert_numel"] // (4 * 8 // ep_size)
+    assert all(r["lean_slot_numel"] == slot * expert_numel for r in reports)
+    if zero_stage == 0:  # by bytes: exp_avg and exp_avg_sq (fp32) of the trainable tensors, nothing of the rest
+        for r in reports:
+            assert r["state_bytes"] - r["step_bytes"] == 2 * 4 * r["trainable_tensor_numel"]
 
     cfg = compose_train(matrix.overrides() + CASES[case])
     norms = reported_norms(case_dir) if zero_stage else None

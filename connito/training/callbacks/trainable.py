@@ -17,6 +17,12 @@ checkpoint it was selected on) or a bare :class:`connito.experts.ExpertMask` JSO
 in the global numbering. Give exactly one of them (``experts=[]`` trains no routed expert, for a run that trains
 routers or modules only).
 
+``lean`` (default true): each MoE layer that trains some but not all of its experts keeps its trainable experts
+as compact parameters of their own (:mod:`connito.experts.lean`), so the frozen experts cost no weight gradient and
+no AdamW state; ``lean=false`` is the mask-only path (the whole fused expert tensors in the optimizer, frozen rows
+masked), kept for comparison, for experts modules the lean forward does not compute (the error names them) and for
+a run that must resume under another expert-parallel layout (lean slots are shaped by it).
+
 Events: ``on_model_built`` freezes every parameter with no trainable element (no gradient, no optimizer state);
 ``on_engine_built`` attaches the gradient mask to the live (possibly AutoEP-sharded) model and the optimizer. The
 current trainable set is saved with every checkpoint and restored on resume, so a method that changed it between
@@ -54,7 +60,7 @@ log = logging.getLogger("connito.training")
 @register_callback("trainable")
 class Trainable(Callback):
     """Options: ``mask_file`` or ``experts`` (one of them), ``shared_experts``, ``routers`` or ``router_rows``,
-    ``modules``."""
+    ``modules``, ``lean``."""
 
     def __init__(
         self,
@@ -64,6 +70,7 @@ class Trainable(Callback):
         routers: bool = False,
         modules: list[str] | tuple[str, ...] = (),
         router_rows: bool = False,
+        lean: bool = True,
     ):
         if (mask_file is None) == (experts is None):
             raise CallbackError(
@@ -82,6 +89,7 @@ class Trainable(Callback):
         self.mask_file, self.experts = mask_file, experts
         self.shared_experts, self.routers, self.modules = bool(shared_experts), bool(routers), tuple(modules)
         self.router_rows = bool(router_rows)
+        self.lean = bool(lean)
         self.trainable: TrainableSet | None = None
         self._base_path: str | None = None
         self.mask: GradientMask | None = None
@@ -127,12 +135,15 @@ class Trainable(Callback):
         check_engine_config(trainer.cfg.engine)
         self._base_path = trainer.cfg.model.path or None
         self.trainable = self.trainable_set(ExpertView(model))
-        report = freeze_untrainable(model, self.trainable)
+        ep_size = trainer.cfg.parallel.ep_size
+        report = freeze_untrainable(model, self.trainable, self.lean, ep_size, trainer.info.rank % ep_size)
         if trainer.info.is_main:
             log.info(
-                "trainable: %d of %d parameters (%.1f%%); %d tensors frozen, %d masked by expert",
+                "trainable: %d of %d parameters (%.1f%%); %d tensors frozen, %d masked by expert; %s",
                 report.trainable_numel, report.total_numel, 100 * report.trainable_numel / report.total_numel,
                 len(report.frozen), len(report.masked),
+                f"lean experts on MoE layers {report.lean.layers} ({report.lean.slots} slots on rank 0)"
+                if report.lean and report.lean.layers else "no lean experts (mask-only path)",
             )  # fmt: skip
             (trainer.run_dir / "trainable.json").write_text(json.dumps(self.trainable.to_dict(), indent=1))
 
