@@ -4,12 +4,16 @@
 Methods (``method=``):
 
 * ``gate`` and ``token``: ESFT (Wang et al. 2024). The per-layer scores are ``esft.gate_score[domain]`` (average
-  gate score of each expert over the domain's tokens) and ``esft.selection_ratio[domain]`` (share of the domain's
-  top-k routing slots the expert received); both are normalised per layer. Reading of ESFT's released
-  ``generate_expert_config.py`` (from memory, not checked here): per layer, sort the experts by score, descending,
-  and append them one at a time until the cumulative score reaches ``top_p`` (``if cumsum >= top_p: break`` after
-  appending). That is the smallest prefix whose score sum is >= ``top_p``, never empty in a layer that has any
-  score. ESFT's default ``top_p`` is 0.2 (the paper sweeps 0.1 to 0.2).
+  top-k gate value of each expert over the domain's tokens, zero where a token did not choose it:
+  :func:`connito.analysis.summaries.esft_gate_scores`) and ``esft.selection_ratio[domain]`` (share of the domain's
+  top-k routing slots the expert received); both are normalised per layer. ESFT's released
+  ``scripts/expert/generate_expert_config.py`` (deepseek-ai/ESFT, read 2026-12-05) sums the recorded top-k weights
+  per expert (``gate_scores``) and ``1/top_k`` per choice (``token_scores``), then per layer sorts the experts by
+  score, descending, and appends them one at a time until the cumulative score reaches ``top_p`` (``if
+  current_score >= top_p: break`` before appending the next). That is the smallest prefix whose score sum is >=
+  ``top_p``, never empty in a layer that has any score. (That script divides its [layers, experts] score arrays by
+  their sum over *layers*, ``np.sum(..., axis=0)``; the paper's threshold is a share of each layer's mass, which is
+  what Connito normalises by.) ESFT's default ``top_p`` is 0.2 (the paper sweeps 0.1 to 0.2).
 * ``driver``: the causal driver scores ``drivers.score[domain]`` (nats a token loses when the expert is suppressed
   rather than boosted; Hu et al. 2026). Only experts with a score > 0 (the domain relies on them) are candidates;
   the same cumulative rule then runs on each layer's *positive* scores, normalised per layer: the smallest set of

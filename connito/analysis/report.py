@@ -8,7 +8,10 @@ layer ``moe_layers[i]``; dense layers have no entry); experts are in the checkpo
                       num_experts, top_k
     data              split, domains, tokens {domain: routed tokens}, usable {domain: bool (>= min_tokens)}
     esft              gate_score / selection_ratio {domain: [layer][expert]}; each layer's list sums to 1 (ESFT's
-                      scores, normalised per layer; 0 for a domain below min_tokens)
+                      scores, normalised per layer; 0 for a domain below min_tokens). gate_score: the mean top-k
+                      gate value (zero where the token did not choose the expert; analyses written before
+                      2026-12-05 held router_score here)
+    router_score      {domain: [layer][expert]}: the mean of the router's full score distribution (chosen or not)
     concentration     thresholds [0.5, 0.8, 0.9]; experts_needed {domain: [layer][threshold]}: the fewest experts
                       carrying that share of the layer's gate mass
     specialisation    [layer][expert]: 1 - H(p(domain | expert)) / log D (0: used alike by all domains)
@@ -72,6 +75,7 @@ def analysis_record(result: AnalysisResult, view, cfg) -> dict:
             "gate_score": per_domain(summary.gate_score_DLE),
             "selection_ratio": per_domain(summary.selection_ratio_DLE),
         },
+        "router_score": per_domain(summary.router_score_DLE),
         "concentration": {
             "thresholds": list(summary.thresholds),
             "experts_needed": {d: summary.experts_needed_DLP[i].tolist() for i, d in enumerate(domains)},

@@ -1,6 +1,7 @@
 """What routing statistics imply: pure functions of the counts :class:`~connito.analysis.RoutingStatistics` holds.
 
 * ESFT scores (Wang et al. 2024), normalised per layer: :func:`esft_gate_scores`, :func:`esft_selection_ratios`;
+  the mean of the full router distribution, :func:`mean_router_scores`;
 * concentration, how many experts carry a share of a layer's gate mass: :func:`experts_to_reach`;
 * domain specialisation of each expert and the domain experts it implies: :func:`domain_specialisation`,
   :func:`domain_expert_masks`;
@@ -58,11 +59,35 @@ def _per_domain_mean(sum_DLE: torch.Tensor, tokens_D: torch.Tensor, min_tokens: 
     return mean_DLE * usable_D[:, None, None]
 
 
-def esft_gate_scores(gate_sum_DLE: torch.Tensor, tokens_D: torch.Tensor, min_tokens: int = MIN_TOKENS) -> torch.Tensor:
-    """ESFT's average gate score ``gate_score_DLE[d, l, e] = gate_sum[d, l, e] / tokens[d]``: the mean router score
-    of expert e over domain d's tokens. It sums to 1 over the experts of a layer (softmax scores sum to 1 per token;
-    sigmoid scores are normalised per token, :func:`~connito.analysis.router_scores`). Zero for domains with fewer
-    than ``min_tokens`` tokens."""
+def esft_gate_scores(
+    weight_sum_DLE: torch.Tensor, tokens_D: torch.Tensor, min_tokens: int = MIN_TOKENS
+) -> torch.Tensor:
+    """ESFT's average gate score (Wang et al. 2024, ESFT-Gate), normalised per layer.
+
+    The paper's gate value ``g[l, e, t]`` is the weight expert e's output gets for token t: its router score when e
+    is among the token's top-k, **zero otherwise**. The score is its mean over domain d's tokens,
+    ``weight_sum[d, l, e] / tokens[d]`` (``weight_sum``: the top-k weights the block scaled each expert's output
+    by, :class:`~connito.analysis.RoutingStatistics`), divided by its sum over the experts of the layer so that each
+    layer's scores sum to 1 and ESFT's ``top_p`` is a share of the layer's gate mass (a constant scale such as
+    DeepSeek-V3's ``routed_scaling_factor`` cancels). For DeepSeek-V2 (ESFT's model, no top-k renormalisation) the
+    gate value is the softmax score itself; families that renormalise the top-k weights score the renormalised ones,
+    the weights their blocks apply. Zero for domains with fewer than ``min_tokens`` tokens.
+
+    Not to be confused with :func:`mean_router_scores`, the mean of the *whole* router distribution (every expert's
+    softmax score, chosen or not), which Connito computed under this name before: it credits experts the router
+    ranks just below the top-k, which never process the token."""
+    mean_DLE = _per_domain_mean(weight_sum_DLE, tokens_D, min_tokens)
+    total_DL = mean_DLE.sum(dim=-1, keepdim=True)
+    return mean_DLE / torch.where(total_DL > 0, total_DL, 1.0)
+
+
+def mean_router_scores(
+    gate_sum_DLE: torch.Tensor, tokens_D: torch.Tensor, min_tokens: int = MIN_TOKENS
+) -> torch.Tensor:
+    """The mean router score ``gate_sum[d, l, e] / tokens[d]``: expert e's probability under the router's full score
+    distribution (:func:`~connito.analysis.router_scores`), averaged over domain d's tokens, whether or not e was
+    chosen. Sums to 1 over the experts of a layer. A measure of the router's preference, not ESFT's score (that is
+    :func:`esft_gate_scores`). Zero for domains with fewer than ``min_tokens`` tokens."""
     return _per_domain_mean(gate_sum_DLE, tokens_D, min_tokens)
 
 
@@ -202,6 +227,7 @@ class RoutingSummary:
     usable_D: torch.Tensor
     gate_score_DLE: torch.Tensor
     selection_ratio_DLE: torch.Tensor
+    router_score_DLE: torch.Tensor
     thresholds: tuple[float, ...]
     experts_needed_DLP: torch.Tensor
     specialisation: Specialisation
@@ -225,7 +251,7 @@ def summarise(
     ``top_n`` defaults to the model's top-k."""
     tokens_D = stats.tokens_D
     usable_D = usable_domains(tokens_D, min_tokens, stats.domain_names, warn=True)
-    gate_score_DLE = esft_gate_scores(stats.gate_sum_DLE, tokens_D, min_tokens)
+    gate_score_DLE = esft_gate_scores(stats.weight_sum_DLE, tokens_D, min_tokens)
     selection_ratio_DLE = esft_selection_ratios(stats.selected_DLE, tokens_D, stats.top_k, min_tokens)
     masks = domain_expert_masks(
         stats.selected_DLE, tokens_D, stats.moe_layers, stats.num_layers, stats.top_k,
@@ -240,6 +266,7 @@ def summarise(
         usable_D=usable_D,
         gate_score_DLE=gate_score_DLE,
         selection_ratio_DLE=selection_ratio_DLE,
+        router_score_DLE=mean_router_scores(stats.gate_sum_DLE, tokens_D, min_tokens),
         thresholds=tuple(thresholds),
         experts_needed_DLP=experts_to_reach(gate_score_DLE, thresholds),
         specialisation=domain_specialisation(stats.selected_DLE, tokens_D, min_tokens),

@@ -193,7 +193,7 @@ def test_real_forward_counts_add_up_per_layer_and_concentration_is_brute_force(f
     assert tokens_D.tolist() == [float((domain_ids_BS == d).sum()) for d in range(3)]
     assert (tokens_D > 10).all()
 
-    gate_DLE = esft_gate_scores(stats.gate_sum_DLE, tokens_D, min_tokens=1)
+    gate_DLE = esft_gate_scores(stats.weight_sum_DLE, tokens_D, min_tokens=1)
     ratio_DLE = esft_selection_ratios(stats.selected_DLE, tokens_D, K, min_tokens=1)
     torch.testing.assert_close(gate_DLE.sum(-1), torch.ones(3, len(view.moe_layers), dtype=torch.float64))
     torch.testing.assert_close(ratio_DLE.sum(-1), torch.ones(3, len(view.moe_layers), dtype=torch.float64))
@@ -262,7 +262,10 @@ def test_planted_domain_expert_is_found_for_its_domain_only(qwen_view):
     permissive = summarise(stats, min_rate=0.0).domain_experts
     assert permissive["z"].ids() == [(1, 4)] and permissive["y"].ids() == [(1, 3)]
 
-    assert summary.experts_needed_DLP[1, 1].tolist() == [4, 7, 8]  # zero logits: uniform gate mass, ceil(8 p)
+    # gate mass = top-k weights: at layer 1 domain y puts half on expert 0 and half on expert 3 (its router's zero
+    # logits, a uniform full distribution, do not count: ceil(8 p) experts, [4, 7, 8], by the old definition)
+    assert summary.experts_needed_DLP[1, 1].tolist() == [1, 2, 2]
+    assert summary.router_score_DLE[1, 1].tolist() == [1 / 8] * 8
     # Top-2 sets at layer 1: x {0, 6}, y {0, 3}, z {0, 6} (6 and 7 tie at 100 each for x; z: 6 100, 7 99).
     assert summary.topn_sets_DLE[:, 1].nonzero().tolist() == [[0, 0], [0, 6], [1, 0], [1, 3], [2, 0], [2, 6]]
     assert summary.overlap_LDD[1].tolist() == [[1.0, 1 / 3, 1.0], [1 / 3, 1.0, 1 / 3], [1.0, 1 / 3, 1.0]]
@@ -419,3 +422,38 @@ def test_statistics_all_reduced_over_two_ranks_equal_the_single_process_statisti
     assert not torch.equal(reports[0]["local"]["selected_DLE"], reports[1]["local"]["selected_DLE"])
     if layout == "dp2":  # bit-identical forwards: the local counts equal the reference exactly
         assert all(torch.equal(reports[0]["local"][n], getattr(per_rank[0], n)) for n in COUNTS)
+
+
+def test_esft_gate_score_is_the_mean_top_k_gate_value_normalised_per_layer():
+    """ESFT-Gate (Wang et al. 2024): the gate value of an expert for a token is its weight when the token chose it and
+    0 otherwise; the score is its mean over the domain's tokens, a share of the layer's gate mass. Hand-computed on a
+    routing where the router's full distribution ranks expert 3 second although no token ever chooses it."""
+    from connito.analysis.expert_scores import pick_per_layer
+
+    view = ExpertView(build_tiny("qwen3_moe"))  # 8 experts, top-2, MoE layers 0-2
+    stats = RoutingStatistics(view, 1, ("code",))
+    probs_TE = torch.tensor(
+        [
+            [0.30, 0.25, 0.02, 0.20, 0.08, 0.05, 0.05, 0.05],  # token A chooses experts 0, 1
+            [0.28, 0.02, 0.26, 0.22, 0.07, 0.05, 0.05, 0.05],  # token B chooses experts 0, 2
+        ],
+        dtype=torch.float64,
+    )
+    ids_TK = torch.tensor([[0, 1], [0, 2]])
+    weights_TK = probs_TE.gather(1, ids_TK) / probs_TE.gather(1, ids_TK).sum(1, keepdim=True)  # norm_topk_prob
+    stats.set_domains(torch.zeros(2, dtype=torch.int64))
+    for layer in view.moe_layers:
+        stats.consume(RoutingRecord(layer, probs_TE.log().float(), ids_TK, weights_TK.float()))
+    summary = summarise(stats, min_tokens=1)
+
+    a0, a1 = 0.30 / 0.55, 0.25 / 0.55  # token A's weights
+    b0, b2 = 0.28 / 0.54, 0.26 / 0.54  # token B's
+    expected_E = torch.tensor([(a0 + b0) / 2, a1 / 2, b2 / 2, 0, 0, 0, 0, 0], dtype=torch.float64)
+    for i in range(len(view.moe_layers)):
+        torch.testing.assert_close(summary.gate_score_DLE[0, i], expected_E, rtol=1e-6, atol=1e-7)
+        # the full router distribution's mean, kept as router_score: expert 3 gets 0.21 of it
+        torch.testing.assert_close(summary.router_score_DLE[0, i], probs_TE.mean(0), rtol=1e-6, atol=1e-7)
+    # ESFT's rule at top_p 0.6: expert 0 (0.532), then expert 2 (0.241); the full-distribution mean would add
+    # expert 3, which processes no token of the domain
+    assert pick_per_layer(summary.gate_score_DLE[0], 0.6)[0].nonzero().flatten().tolist() == [0, 2]
+    assert pick_per_layer(summary.router_score_DLE[0], 0.6)[0].nonzero().flatten().tolist() == [0, 2, 3]
