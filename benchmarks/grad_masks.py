@@ -1,19 +1,22 @@
 """What slice-exact gradient masks save and cost: an ESFT-like run (a fraction of the routed experts, ~20%, chosen
 per layer) against full fine-tuning of the same model, in one process.
 
-    python benchmarks/grad_masks.py                          # 32 experts x 4 layers, hidden 256, ZeRO 0, 12 steps
-    python benchmarks/grad_masks.py --zero 2 --experts 64 --fraction 0.1 --threads 1
+    python benchmarks/grad_masks.py                          # 32 experts x 4 layers, hidden 256, ZeRO 0 and 2
+    python benchmarks/grad_masks.py --zero 1 --experts 64 --fraction 0.1 --threads 1
 
 Both runs go through Connito's trainer (one rank, fp32, CPU unless CUDA is there) on the same data and model; the
-masked one adds ``callbacks.trainable`` with ``--fraction`` of each MoE layer's experts (a seeded random pick, at
-least one per layer). Reported per run:
+masked ones add ``callbacks.trainable`` with ``--fraction`` of each MoE layer's experts (a seeded random pick, at
+least one per layer), once on the lean path (the default: the trainable experts as compact slots,
+:mod:`connito.experts.lean`) and once mask-only (``callbacks.trainable.lean=false``: gradient masks inside the fused
+tensors). Reported per run and ZeRO stage:
 
 * AdamW state bytes (every tensor of the torch optimizer's state: ``exp_avg``, ``exp_avg_sq``, ``step``);
 * parameters that get a gradient (``requires_grad``) and the elements that actually train;
 * the median time of one optimizer step (forward, backward, step), over the steps after ``--warmup``.
 
-A masked run keeps AdamW state for every expert tensor of a layer that has a chosen expert (the mask cuts inside
-fused ``[E, ...]`` tensors; frozen rows cost state, not updates) and none for anything else.
+The mask-only run keeps AdamW state for every expert tensor of a layer that has a chosen expert (the mask cuts inside
+fused ``[E, ...]`` tensors; frozen rows cost state and weight-gradient GEMMs, not updates); the lean run keeps state
+and computes weight gradients for the chosen experts alone.
 """
 
 from __future__ import annotations
@@ -74,12 +77,14 @@ def run(overrides: list[str], run_dir: Path, warmup: int) -> dict:
     state_bytes = sum(
         t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
     )
-    params = list(result.model.parameters())
+    # the model's own parameters: lean slots are extra trainable copies of some fused expert rows, not new weights
+    params = [p for n, p in result.model.named_parameters() if ".lean_experts." not in n]
+    slots = [p for n, p in result.model.named_parameters() if ".lean_experts." in n]
     masks = [c for c in result.trainer.callbacks if c.name == "trainable"]
     trained = sum(m.trainable_numel() for m in masks[0].mask.masks) if masks else sum(p.numel() for p in params)
     return {
         "state_bytes": state_bytes,
-        "with_grad": sum(p.numel() for p in params if p.requires_grad),
+        "with_grad": sum(p.numel() for p in params + slots if p.requires_grad),
         "trained": trained,
         "total": sum(p.numel() for p in params),
         "step_s": statistics.median(timer.times[warmup:]),
@@ -93,7 +98,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--expert-ffn", type=int, default=256)
     parser.add_argument("--fraction", type=float, default=0.2, help="routed experts trained per MoE layer")
-    parser.add_argument("--zero", type=int, default=0, choices=(0, 1, 2))
+    parser.add_argument("--zero", type=int, nargs="+", default=[0, 2], choices=(0, 1, 2), help="ZeRO stages, in turn")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the timing")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -101,49 +106,58 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     experts = esft_like(args.layers, args.experts, args.fraction, seed=0)
-    with tempfile.TemporaryDirectory() as tmp:
-        base = [
-            f"data.cache_dir={tmp}/cache",
-            "data.max_chars_per_domain=120000",
-            "data.vocab_size=512",
-            "data.seq_len=64",
-            "train.micro_batch_size=8",
-            f"train.steps={args.steps}",
-            "train.eval_every=0",
-            "train.eval_batches=1",
-            "train.checkpoint_every=0",
-            "train.export=false",
-            "logging.wandb=false",
-            "logging.progress=false",
-            f"engine=zero{args.zero}",
-            f"model.hf_config.num_hidden_layers={args.layers}",
-            f"model.hf_config.num_experts={args.experts}",
-            f"model.hf_config.hidden_size={args.hidden}",
-            f"model.hf_config.moe_intermediate_size={args.expert_ffn}",
-        ]
-        masked_option = "+callbacks.trainable.experts=" + json.dumps(experts).replace(" ", "")
-        rows = {
-            "full fine-tuning": run(base, Path(tmp) / "full", args.warmup),
-            "masked (ESFT-like)": run([*base, masked_option], Path(tmp) / "masked", args.warmup),
-        }
+    masked_option = "+callbacks.trainable.experts=" + json.dumps(experts).replace(" ", "")
     chosen = len(experts) / (args.layers * args.experts)
     print(
         f"\nqwen3_moe, {args.layers} layers x {args.experts} experts, hidden {args.hidden}, expert FFN "
-        f"{args.expert_ffn}; {len(experts)} experts trained ({chosen:.0%}); ZeRO {args.zero}, fp32, 1 rank, "
+        f"{args.expert_ffn}; {len(experts)} experts trained ({chosen:.0%}); fp32, 1 rank, "
         f"{torch.get_num_threads()} threads, {args.steps} steps (median of the last {args.steps - args.warmup})\n"
     )
-    print("| run | AdamW state (MiB) | params with a gradient | elements trained | step (ms) |")
-    print("|---|---|---|---|---|")
-    for name, r in rows.items():
-        print(
-            f"| {name} | {r['state_bytes'] / 2**20:.2f} | {r['with_grad']:,} / {r['total']:,} | {r['trained']:,} | "
-            f"{r['step_s'] * 1e3:.0f} |"
-        )
-    full, masked = rows["full fine-tuning"], rows["masked (ESFT-like)"]
-    print(
-        f"\nmasked / full: AdamW state {masked['state_bytes'] / full['state_bytes']:.2f}, "
-        f"elements trained {masked['trained'] / full['trained']:.2f}, step time {masked['step_s'] / full['step_s']:.2f}"
-    )
+    print("| ZeRO | run | AdamW state (MiB) | params with a gradient | elements trained | step (ms) |")
+    print("|---|---|---|---|---|---|")
+    ratios = []
+    for zero in args.zero:
+        with tempfile.TemporaryDirectory() as tmp:
+            base = [
+                f"data.cache_dir={tmp}/cache",
+                "data.max_chars_per_domain=120000",
+                "data.vocab_size=512",
+                "data.seq_len=64",
+                "train.micro_batch_size=8",
+                f"train.steps={args.steps}",
+                "train.eval_every=0",
+                "train.eval_batches=1",
+                "train.checkpoint_every=0",
+                "train.export=false",
+                "logging.wandb=false",
+                "logging.progress=false",
+                f"engine=zero{zero}",
+                f"model.hf_config.num_hidden_layers={args.layers}",
+                f"model.hf_config.num_experts={args.experts}",
+                f"model.hf_config.hidden_size={args.hidden}",
+                f"model.hf_config.moe_intermediate_size={args.expert_ffn}",
+            ]
+            rows = {
+                "full fine-tuning": run(base, Path(tmp) / "full", args.warmup),
+                "masked, lean experts (default)": run([*base, masked_option], Path(tmp) / "lean", args.warmup),
+                "masked, mask only (lean=false)": run(
+                    [*base, masked_option, "+callbacks.trainable.lean=false"], Path(tmp) / "mask", args.warmup
+                ),
+            }
+        for name, r in rows.items():
+            print(
+                f"| {zero} | {name} | {r['state_bytes'] / 2**20:.2f} | {r['with_grad']:,} / {r['total']:,} | "
+                f"{r['trained']:,} | {r['step_s'] * 1e3:.0f} |"
+            )
+        full = rows["full fine-tuning"]
+        for name in list(rows)[1:]:
+            r = rows[name]
+            ratios.append(
+                f"ZeRO {zero}, {name} / full: AdamW state {r['state_bytes'] / full['state_bytes']:.2f}, "
+                f"elements trained {r['trained'] / full['trained']:.2f}, step time {r['step_s'] / full['step_s']:.2f}"
+            )
+    print()
+    print("\n".join(ratios))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,12 @@ up to capacity drops):
 * ``ds-moe-cf1`` / ``ds-moe-cf2``  classic ``deepspeed.moe.layer.MoE`` (capacity-based top-k gate,
                      ``drop_tokens=True``) at capacity factor 1.0 / 2.0 with a SwiGLU expert of the same shape.
                      Capacity per expert is ``ceil(tokens * top_k / experts * capacity_factor)``.
+* ``connito-lean-all`` / ``connito-lean-22pct``  the same transformers block on Connito's lean experts
+                     (:mod:`connito.experts.lean`, ``_experts_implementation="connito_lean"``): the fused tensors
+                     frozen and every expert (``-all``), or a seeded 22 % of them (``-22pct``, an ESFT-sized
+                     selection), trainable as compact slots; the backward computes weight gradients for the slots'
+                     experts only (``kernels/``). ``-all`` is the lean path's worst case (with every expert
+                     trainable the trainer does not install slots at all: it runs ``hf-grouped_mm``).
 * ``dense``          a SwiGLU MLP of width ``top_k * expert_ffn`` on every token: same active FLOPs as the
                      experts (minus the router), no routing: the practical ceiling.
 
@@ -61,6 +67,8 @@ ALL_IMPLS = [
     "autoep-loop",
     "ds-moe-cf1",
     "ds-moe-cf2",
+    "connito-lean-all",
+    "connito-lean-22pct",
 ]
 
 QUICK = dict(hidden=128, experts=16, top_k=4, ffn=64, tokens=512, warmup=1, iters=3)
@@ -282,6 +290,26 @@ class ClassicWrapper(nn.Module):
         return out
 
 
+def lean_block(ref, args, fraction):
+    from connito.experts.lean import (
+        LeanSlots,
+        forward,  # noqa: F401  (registers the connito_lean experts implementation)
+    )
+
+    block = hf_block(ref, args, "connito_lean")
+    experts = block.experts
+    chosen = torch.randperm(args.experts, generator=torch.Generator().manual_seed(args.seed))
+    chosen = sorted(chosen[: max(1, round(fraction * args.experts))].tolist())
+    with torch.no_grad():
+        slots = LeanSlots(0, range(args.experts), chosen, chosen, experts.gate_up_proj[chosen].clone(),
+                          experts.down_proj[chosen].clone())  # fmt: skip
+    experts.gate_up_proj.requires_grad_(False)
+    experts.down_proj.requires_grad_(False)
+    block.add_module("lean_experts", slots)
+    slots.bind(experts, {"gate_up_proj": experts.gate_up_proj, "down_proj": experts.down_proj})
+    return block
+
+
 def build(impl, ref, args, dtype):
     H = args.hidden
     if impl == "dense":
@@ -291,6 +319,10 @@ def build(impl, ref, args, dtype):
         return hf_block(ref, args, impl[3:])
     if impl.startswith("autoep-"):
         return autoep_layer(ref, args, impl)
+    if impl == "connito-lean-all":
+        return lean_block(ref, args, 1.0)
+    if impl == "connito-lean-22pct":
+        return lean_block(ref, args, 0.22)
     if impl.startswith("ds-moe-cf"):
         return ClassicWrapper(classic_moe(ref, args, float(impl[len("ds-moe-cf") :])), args)
     raise ValueError(impl)
