@@ -21,6 +21,9 @@ INSTALL_REQUIRES = [
     "deepspeed==0.19.8",
     # DeepSpeed 0.19.8's AutoEP breaks on transformers 5.23.0 (_CanRecordRegistry.get() signature).
     "transformers==5.22.2",
+    # Load balancing for every family runs on megatron-core's router utilities (connito.routing.balancing);
+    # 0.16.1 is the last release that installs on Python 3.11 (0.17+ needs 3.12), and the one tested.
+    "megatron-core==0.16.1",
     "hydra-core>=1.3.2,<1.4",
     "omegaconf>=2.3",
     "datasets>=3.0",

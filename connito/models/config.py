@@ -22,4 +22,12 @@ class ModelConfig:
     """Keyword arguments of the family's config class for a model built from scratch (vocab_size is set
     from the tokenizer)."""
     aux_loss_coef: float = 0.01
-    """Coefficient of the family's load-balancing loss (0 turns it off)."""
+    """Coefficient of the family's load-balancing loss (0 turns it off): transformers' own where the family has one,
+    else DeepSeek-V2's expert-level balance loss (megatron-core's Switch loss, :mod:`connito.routing.balancing`)."""
+    seq_aux_loss_coef: float = 0.0
+    """Coefficient of DeepSeek-V3's sequence-wise balance loss (DeepSeek-V3 trains with 0.0001); any MoE family."""
+    z_loss_coef: float = 0.0
+    """Coefficient of the router z-loss (ST-MoE; 0.001 there); any MoE family."""
+    expert_bias_update_rate: float = 0.0
+    """DeepSeek-V3's auxiliary-loss-free balancing: after every step each layer's ``e_score_correction_bias`` moves
+    by this much towards the mean expert load (DeepSeek-V3: 0.001). Families with a choice bias only."""

@@ -77,8 +77,11 @@ def build_hf_config(cfg: ModelConfig, vocab_size: int, token_ids: dict[str, int]
     if family.is_moe:
         config.output_router_logits = family.has_aux_loss and cfg.aux_loss_coef > 0
         config.router_aux_loss_coef = cfg.aux_loss_coef
-    if cfg.aux_loss_coef > 0 and not family.has_aux_loss:
-        log.info("family %s: %s; model.aux_loss_coef has no effect", family.model_type, family.notes)
+    if cfg.aux_loss_coef > 0 and not family.has_aux_loss and family.is_moe:
+        log.info(
+            "family %s: %s; model.aux_loss_coef=%g weighs DeepSeek-V2's expert-level balance loss (megatron-core)",
+            family.model_type, family.notes, cfg.aux_loss_coef,
+        )  # fmt: skip
     return config
 
 

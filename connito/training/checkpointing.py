@@ -19,6 +19,7 @@ after a barrier that every rank reaches once its files are on disk, and ``latest
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -176,6 +177,7 @@ def load(engine, checkpoint: Path, universal: Path | None = None, relaid=None) -
     if relaid is not None:
         relaid(engine)
         load_path = str(checkpoint)
+        restore_choice_biases(engine, checkpoint)
     elif universal is None:
         load_path, _ = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
         restore_frozen_expert_shards(engine, checkpoint)
@@ -184,6 +186,7 @@ def load(engine, checkpoint: Path, universal: Path | None = None, relaid=None) -
         pad_param_groups(universal, len(groups), not dist.is_initialized() or dist.get_rank() == 0)
         load_path, _ = engine.load_checkpoint(str(universal.parent), tag=universal.name)
         restore_groups(engine, groups)
+        restore_choice_biases(engine, checkpoint)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {checkpoint}")
     record = json.loads((checkpoint / STATE_FILE).read_text())
@@ -216,6 +219,31 @@ def restore_frozen_expert_shards(engine, checkpoint: Path) -> None:
             with torch.no_grad():
                 for w, param in frozen.items():
                     param[local].copy_(saved[f"{prefix}.experts.{w}.{first + local}"])
+
+
+def restore_choice_biases(engine, checkpoint: Path) -> None:
+    """Put back each router's choice bias (DeepSeek-V3's ``e_score_correction_bias``, a buffer the aux-loss-free
+    bias update trains) after a load under another layout. The universal load and Connito's ZeRO-0 re-layout
+    restore tensors by name, and the buffer is named after the layout (transformers ``<block>.gate.``, AutoEP
+    ``<block>.router.``): take it from the checkpoint's module state by decoder layer instead."""
+    path = checkpoint / "mp_rank_00_model_states.pt"
+    if not path.is_file():
+        return
+    module = torch.load(path, map_location="cpu", weights_only=False)["module"]
+    saved = {}
+    for key, value in module.items():
+        match = re.fullmatch(r".*layers\.(\d+)\..*\.e_score_correction_bias", key)
+        if match:
+            saved[int(match.group(1))] = value
+    if not saved:
+        return
+    from connito.experts import ExpertView
+
+    for layer, block in ExpertView(engine.module).blocks():
+        bias = block.choice_bias()
+        if bias is not None and layer in saved:
+            with torch.no_grad():
+                bias.copy_(saved[layer].to(bias.device, bias.dtype))
 
 
 def load_callback_state(checkpoint: Path) -> dict:

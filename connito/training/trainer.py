@@ -28,6 +28,7 @@ from connito.routing import RouterObserver
 from connito.training import checkpointing, relayout, relayout_zero0
 from connito.training.batches import PackedSplit, StepSampler
 from connito.training.callbacks import Callback, LossTerm, MicroBatch, build_callbacks, import_plugins
+from connito.training.callbacks.balancing import RoutingBalance
 from connito.training.callbacks.builtin import Checkpointer, Evaluator, Exporter, LoadBalancing, MetricsLogger
 from connito.training.config import ConnitoConfig, TrainConfig
 from connito.training.deepspeed_config import connito_clips, validate_engine
@@ -126,6 +127,7 @@ class Trainer:
             callback.name = callback.name or type(callback).__name__
         self.callbacks: list[Callback] = user + [
             LoadBalancing(),
+            RoutingBalance(),
             MetricsLogger(),
             Evaluator(),
             Checkpointer(),
