@@ -67,6 +67,9 @@ class AdaptOutcomeConfig:
     eval_domains: list[str] = field(default_factory=list)
     """Domains whose validation loss is compared between base and adapted model (the adapted domains' gain, the
     others' forgetting). Empty: every default recipe domain (code, docs, prose, wiki)."""
+    adapted_domains: list[str] = field(default_factory=list)
+    """The domains the run adapts to: the gain is their mean loss drop, the other measured domains' mean change is the
+    forgetting. Empty: the training data's domains (``data.domains``; for ``data.source=files`` the files')."""
     eval_tokens: int = 65536
     """Validation tokens per comparison (rows spread evenly over the split)."""
     save_delta: bool = True

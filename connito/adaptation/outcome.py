@@ -5,9 +5,11 @@ Measured on rank 0 once training finished:
 * **validation loss** of the base and of the adapted model (the run's HF export; for DES-MoE with its trained
   adaptive routers loaded, and as plain transformers loads it, the folded routers, in ``adapted_plain``) on every
   evaluated domain
-  (``outcome.eval_domains``; default the four recipe domains), the same held-out rows for both (rows spread evenly
-  over the validation split of those domains, tokenized with the base's tokenizer). *Gain* is the mean loss drop
-  on the adapted domains (``data.domains``), *forgetting* the mean loss change on the others (positive = worse);
+  (``outcome.eval_domains``; default the four recipe domains; for ``data.source=files`` the files' domains plus
+  those), the same held-out rows for both (rows spread evenly over the validation split of those domains, tokenized
+  with the base's tokenizer). *Gain* is the mean loss drop on the adapted domains (``outcome.adapted_domains``,
+  default the training data's domains: :func:`adapted_domains`), *forgetting* the mean loss change on the others
+  (positive = worse; none measured: ``null``);
 * **trainable parameters**: elements of the whole model the optimizer may move at the end of the run (a gradient
   mask's trainable rows, else every ``requires_grad`` parameter; summed over the expert-parallel ranks);
 * **optimizer-state bytes** of rank 0 (AdamW's moments: under ZeRO 1/2 a rank holds its partition only, under
@@ -20,6 +22,7 @@ Measured on rank 0 once training finished:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -77,19 +80,53 @@ def step_seconds(run_dir: Path, tokens_per_step: int) -> float | None:
     return tokens_per_step / speeds[-1] if speeds and speeds[-1] > 0 else None
 
 
-def eval_batches(cfg, base: Path):
-    """The held-out rows both models are measured on: (domains, inputs, domain ids)."""
+def adapted_domains(cfg, training_domains: list[str]) -> list[str]:
+    """The domains the run adapts to, on which the gain is measured: ``outcome.adapted_domains`` when given, else
+    the training data's (the recipe's ``data.domains``; for ``data.source=files`` the files' domains)."""
+    return list(cfg.outcome.adapted_domains or training_domains)
+
+
+def eval_sets(cfg, base: Path, adapted: list[str]) -> list[tuple[list[str], list, list]]:
+    """The held-out rows both models are measured on, as ``(domains, inputs, domain ids)`` sets.
+
+    Recipe data: one set over ``outcome.eval_domains`` (default the four recipe domains), the adapted ones added.
+    ``data.source=files``: the files' own validation split (the adapted domains' gain), then the recipe's
+    ``outcome.eval_domains`` under names the files do not use (the base's other domains, for forgetting), where the
+    recipe can be read on this machine (a warning and no forgetting where it cannot)."""
     from connito.analysis.held_out import held_out_batches
+    from connito.data import DataError
     from connito.data.config import DEFAULT_DOMAINS
 
-    held_out = held_out_batches(
-        cfg.data,
-        base,
-        domains=list(cfg.outcome.eval_domains or DEFAULT_DOMAINS),
-        eval_tokens=cfg.outcome.eval_tokens,
-        micro_batch_size=cfg.train.micro_batch_size,
-    )
-    return held_out.domains, held_out.inputs, held_out.domain_ids
+    options = dict(eval_tokens=cfg.outcome.eval_tokens, micro_batch_size=cfg.train.micro_batch_size)
+    others = [d for d in (cfg.outcome.eval_domains or DEFAULT_DOMAINS) if d not in adapted]
+    if cfg.data.source == "recipe":
+        held = held_out_batches(cfg.data, base, domains=list(dict.fromkeys(adapted + others)), **options)
+        return [(held.domains, held.inputs, held.domain_ids)]
+    own = held_out_batches(cfg.data, base, **options)
+    sets = [(own.domains, own.inputs, own.domain_ids)]
+    others = [d for d in others if d not in own.domains]
+    if others:
+        recipe = copy.deepcopy(cfg.data)
+        recipe.source, recipe.domains = "recipe", others
+        try:
+            held = held_out_batches(recipe, base, domains=others, **options)
+        except DataError as error:
+            log.warning("forgetting not measured: the recipe domains %s cannot be read here (%s)", others, error)
+        else:
+            sets.append((held.domains, held.inputs, held.domain_ids))
+    return sets
+
+
+def domain_loss_table(model, sets) -> tuple[dict[str, int], dict[str, float]]:
+    """``(tokens, loss)`` by domain name over every held-out set."""
+    from connito.analysis.token_loss import domain_losses
+
+    tokens, loss = {}, {}
+    for domains, inputs, domain_ids in sets:
+        tokens_D, loss_D = domain_losses(model, inputs, domain_ids, len(domains))
+        for i, name in enumerate(domains):
+            tokens[name], loss[name] = int(tokens_D[i]), float(loss_D[i])
+    return tokens, loss
 
 
 def method_label(cfg) -> str:
@@ -104,7 +141,6 @@ def measure_outcome(cfg, base: Path, result, trainable: int) -> dict:
     """Measure the finished run (see the module docstring), write ``adapt.json``, print the row; returns the record."""
     from transformers import AutoModelForCausalLM
 
-    from connito.analysis.token_loss import domain_losses
     from connito.experts.delta import changed_experts, changed_modules, save_delta
     from connito.models.fingerprint import checkpoint_fingerprint
 
@@ -114,29 +150,31 @@ def measure_outcome(cfg, base: Path, result, trainable: int) -> dict:
     load = dict(local_files_only=True, dtype=torch.float32)
     base_model = AutoModelForCausalLM.from_pretrained(base, **load).eval()
     adapted = AutoModelForCausalLM.from_pretrained(result.export_dir, **load).eval()
-    domains, inputs, domain_ids = eval_batches(cfg, base)
-    _, base_loss = domain_losses(base_model, inputs, domain_ids, len(domains))
-    tokens, plain_loss = domain_losses(adapted, inputs, domain_ids, len(domains))
+    wanted = adapted_domains(cfg, list(result.trainer.prepared.domains))
+    sets = eval_sets(cfg, base, wanted)
+    _, base_loss = domain_loss_table(base_model, sets)
+    tokens, plain_loss = domain_loss_table(adapted, sets)
+    missing = [d for d in wanted if d not in tokens]
+    if missing:
+        raise ValueError(
+            f"outcome.adapted_domains {missing} are not among the measured domains {sorted(tokens)}: name domains of "
+            "the training data (or of outcome.eval_domains)"
+        )
     adapted_loss, router = plain_loss, "the family's (plain transformers)"
     from connito.adaptation.des_moe.export import MANIFEST, load_adaptive_router
 
     if (result.export_dir / MANIFEST).is_file():  # DES-MoE: measure the trained adaptive routers, not their fold
         routers = load_adaptive_router(adapted, result.export_dir)
-        _, adapted_loss = domain_losses(adapted, inputs, domain_ids, len(domains))
+        _, adapted_loss = domain_loss_table(adapted, sets)
         routers.remove()
         router = f"DES-MoE's adaptive routers ({MANIFEST}); plain transformers' folded routers in adapted_plain"
-    adapted_domains = [d for d in cfg.data.domains if d in domains] if cfg.data.source == "recipe" else []
+    domains = list(tokens)
     loss = {
-        d: {
-            "tokens": int(tokens[i]),
-            "base": float(base_loss[i]),
-            "adapted": float(adapted_loss[i]),
-            "adapted_plain": float(plain_loss[i]),
-        }
-        for i, d in enumerate(domains)
+        d: {"tokens": tokens[d], "base": base_loss[d], "adapted": adapted_loss[d], "adapted_plain": plain_loss[d]}
+        for d in domains
     }
     change = {d: v["adapted"] - v["base"] for d, v in loss.items()}
-    others = [d for d in domains if d not in adapted_domains]
+    others = [d for d in domains if d not in wanted]
     mean = lambda names: sum(change[d] for d in names) / len(names) if names else None  # noqa: E731
 
     delta_dir, delta_bytes = None, None
@@ -152,10 +190,10 @@ def measure_outcome(cfg, base: Path, result, trainable: int) -> dict:
         "schema": SCHEMA,
         "method": method_label(cfg),
         "base": {"path": str(base), "fingerprint": checkpoint_fingerprint(base)},
-        "adapted_domains": adapted_domains,
+        "adapted_domains": wanted,
         "loss": loss,
         "router": router,
-        "gain": None if mean(adapted_domains) is None else -mean(adapted_domains),
+        "gain": None if mean(wanted) is None else -mean(wanted),
         "forgetting": mean(others),
         "trainable_params": trainable,
         "total_params": sum(p.numel() for p in base_model.parameters()),

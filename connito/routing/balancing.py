@@ -25,6 +25,7 @@ E routed experts, K experts per token.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from contextlib import contextmanager
 
@@ -38,6 +39,7 @@ def _moe_utils():
     try:
         with warnings.catch_warnings():  # megatron.core warns at import that Transformer Engine and Apex are absent
             warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+            logging.getLogger("megatron").setLevel(logging.WARNING)  # and logs which FSDP it would use
             from megatron.core.transformer.moe import moe_utils
     except ImportError as error:  # pragma: no cover - megatron-core is a dependency
         raise ImportError(

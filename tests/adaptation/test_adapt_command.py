@@ -97,3 +97,25 @@ def test_bad_options_stop_before_any_work(base, data_cache, tmp_path):
     refused([f"model.path={tmp_path / 'nothing'}"], ModelError, "is not a save_pretrained checkpoint")
     refused([f"esft.mask_file={tmp_path / 'none.json'}"], ValueError, "is not a file; write one with `connito select`")
     assert not (tmp_path / "adapt-esft").exists()
+
+
+def test_adapting_to_files_measures_gain_on_their_domain_and_forgetting_on_the_recipes(base, data_cache, tmp_path):
+    """data.source=files: the files' domain is the adapted one (gain on its validation split); the base's recipe
+    domains, read beside it, measure the forgetting."""
+    import sysconfig
+    from pathlib import Path
+
+    sources = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("email/*.py"))[:40]
+    rows = [{"text": path.read_text(errors="replace")[:4000], "domain": "mail"} for path in sources]
+    data_file = tmp_path / "mail.jsonl"
+    data_file.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    overrides = adapt_overrides(data_cache, base, tmp_path, "full", steps=3) + [
+        "data.source=files", f"data.files=[{data_file}]", f"data.cache_dir={tmp_path / 'files-cache'}",
+    ]  # fmt: skip
+    result = run_adapt(compose_adapt(overrides), tmp_path / "files")
+    record = result.outcome
+    assert record["adapted_domains"] == ["mail"]
+    assert set(record["loss"]) == {"mail", "code", "docs", "prose", "wiki"}
+    assert record["gain"] == pytest.approx(record["loss"]["mail"]["base"] - record["loss"]["mail"]["adapted"])
+    others = [record["loss"][d]["adapted"] - record["loss"][d]["base"] for d in ("code", "docs", "prose", "wiki")]
+    assert record["forgetting"] == pytest.approx(sum(others) / 4)
