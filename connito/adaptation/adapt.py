@@ -39,17 +39,15 @@ def check_adapt(cfg: AdaptConfig) -> Path:
     """The base checkpoint, once the options are known to make sense (before any work)."""
     if cfg.method not in METHODS:
         raise ValueError(f"method='{cfg.method}' is not one of {', '.join(METHODS)}")
-    if not cfg.model.path:
-        raise ModelError(
-            "connito adapt needs the base checkpoint: model.path=<save_pretrained directory> (the quickstart's is "
-            "runs/quickstart/hf, written by `connito train`)"
-        )
-    base = Path(cfg.model.path).expanduser()
+    from connito.models.default_paths import HINT, default_checkpoint
+
+    given = bool(cfg.model.path)
+    base = Path(cfg.model.path).expanduser() if given else default_checkpoint()
     if (base / "hf" / "config.json").is_file():  # a connito run directory
         base = base / "hf"
-        cfg.model.path = str(base)
+    cfg.model.path = str(base)
     if not (base / "config.json").is_file():
-        hint = " Run `connito train` first." if str(base) == "runs/quickstart/hf" else ""
+        hint = "" if given else f" No model.path given: {HINT}, or set model.path=<save_pretrained directory>."
         raise ModelError(f"model.path='{base}' is not a save_pretrained checkpoint (no config.json).{hint}")
     if cfg.method == "esft":
         esft = cfg.esft

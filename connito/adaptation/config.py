@@ -13,14 +13,16 @@ class SelectConfig:
     The rules are in :mod:`connito.adaptation.selection`."""
 
     analysis_path: str = ""
-    """An ``analysis.json`` written by ``connito analyze``, or the directory holding it. Empty: the quickstart's,
-    ``runs/quickstart/analysis``. (Not ``analysis=``: that name is the ``analysis`` config group of
+    """An ``analysis.json`` written by ``connito analyze``, or the directory holding it. Empty: what ``connito
+    quickstart`` or ``connito train`` wrote last, ``runs/lifecycle/analysis`` or ``runs/quickstart/analysis``
+    (:mod:`connito.models.default_paths`). (Not ``analysis=``: that name is the ``analysis`` config group of
     ``connito train``, and Hydra reads ``analysis=...`` as a group choice in every command.)"""
     method: str = "gate"
     """``gate`` (ESFT average gate score), ``token`` (ESFT token-selection ratio), ``driver`` (causal driver score)
     or ``list`` (the hand-written ``experts``)."""
-    domains: list[str] = field(default_factory=list)
-    """The domain(s) to select for, e.g. ``domains=[code]`` or ``domains=[code,docs]``."""
+    domains: list[str] = field(default_factory=lambda: ["code"])
+    """The domain(s) to select for, e.g. ``domains=[code]`` or ``domains=[code,docs]``. Default: ``code``, the domain
+    ``connito adapt`` adapts to by default."""
     combine: str = "pool"
     """Several domains: ``pool`` (token-weighted mean score, one selection) or ``union`` (one selection each)."""
     top_p: float = 0.2

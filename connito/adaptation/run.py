@@ -13,8 +13,6 @@ from connito.experts.mask_file import MaskFile, parameter_count, read_mask_file,
 
 log = logging.getLogger("connito.adaptation")
 
-DEFAULT_ANALYSIS = "runs/quickstart/analysis"
-
 
 def default_mask_name(cfg: SelectConfig) -> str:
     """``mask-<method>-<domains>-p<top_p>.json`` (``n<top_n>`` with top_n; ``mask-list.json`` for a list)."""
@@ -43,7 +41,9 @@ def _model_parameters(model: dict) -> tuple[ParameterCount | None, str]:
 def run_select(cfg: SelectConfig) -> MaskFile:
     """Select, write the mask file, and return it as read back (checked against the analysed model's
     fingerprint)."""
-    source = analysis_file(cfg.analysis_path or DEFAULT_ANALYSIS)
+    from connito.models.default_paths import default_analysis
+
+    source = analysis_file(cfg.analysis_path or default_analysis())
     analysis = load_analysis(source)
     experts = parse_expert_list(cfg.experts) if cfg.experts else None
     mask = select_experts(

@@ -77,7 +77,8 @@ class AnalyzeConfig(AnalysisOptions):
 
     model_path: str = ""
     """A ``save_pretrained`` directory, or a run directory of ``connito train`` (its ``hf/`` export is used).
-    Empty: the quickstart's export, ``runs/quickstart/hf``."""
+    Empty: what ``connito quickstart`` or ``connito train`` wrote last, ``runs/lifecycle/base/hf`` or
+    ``runs/quickstart/hf`` (:mod:`connito.models.default_paths`)."""
     data: DataConfig = field(default_factory=DataConfig)
     split: str = "validation"
     """The packed split to stream (held-out text by default)."""

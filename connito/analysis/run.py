@@ -58,11 +58,13 @@ class AnalysisResult:
 
 def resolve_model_path(model_path: str) -> Path:
     """A checkpoint directory, or a ``connito train`` run directory (its ``hf/`` export)."""
-    path = Path(model_path or "runs/quickstart/hf").expanduser()
+    from connito.models.default_paths import HINT, default_checkpoint
+
+    path = Path(model_path).expanduser() if model_path else default_checkpoint()
     if (path / "hf" / "config.json").is_file():
         path = path / "hf"
     if not (path / "config.json").is_file():
-        hint = " Run `connito train` first (the quickstart writes runs/quickstart/hf)." if not model_path else ""
+        hint = f" No model_path given: {HINT}." if not model_path else ""
         raise ModelError(
             f"model_path='{path}' is neither a save_pretrained checkpoint nor a connito run directory with an hf/ "
             f"export.{hint} Set model_path=<checkpoint or run directory>"
