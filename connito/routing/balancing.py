@@ -56,20 +56,25 @@ def _check(logits: torch.Tensor, top_k: int, score_function: str) -> None:
         raise ValueError(f"top_k={top_k} must lie in 1..{logits.shape[-1]} (the experts of the layer)")
 
 
-def expert_balance_loss(logits_TE: torch.Tensor, top_k: int, score_function: str = "softmax") -> torch.Tensor:
-    """DeepSeek-V2's expert-level balance loss of one MoE layer (coefficient 1), over the tokens of ``logits_TE``."""
-    _check(logits_TE, top_k, score_function)
-    moe_utils = _moe_utils()
-    num_tokens, num_experts = logits_TE.shape
-    routing_map_TE, scores_TE = moe_utils.compute_routing_scores_for_aux_loss(logits_TE, top_k, score_function)
+def _switch_loss(moe_utils, scores_TX, routing_map_TX, top_k: int, num_experts: int) -> torch.Tensor:
+    """megatron's Switch loss (coefficient 1) over the T rows of ``scores_TX``; X columns: E experts, or B x E."""
     return moe_utils.switch_load_balancing_loss_func(
-        probs=scores_TE,
-        tokens_per_expert=routing_map_TE.sum(dim=0),
-        total_num_tokens=num_tokens,
+        probs=scores_TX,
+        tokens_per_expert=routing_map_TX.sum(dim=0),
+        total_num_tokens=scores_TX.shape[0],
         topk=top_k,
         num_experts=num_experts,
         moe_aux_loss_coeff=1.0,
     )
+
+
+def expert_balance_loss(logits_TE: torch.Tensor, top_k: int, score_function: str = "softmax") -> torch.Tensor:
+    """DeepSeek-V2's expert-level balance loss of one MoE layer (coefficient 1), over the tokens of ``logits_TE``."""
+    _check(logits_TE, top_k, score_function)
+    moe_utils = _moe_utils()
+    num_experts = logits_TE.shape[1]
+    routing_map_TE, scores_TE = moe_utils.compute_routing_scores_for_aux_loss(logits_TE, top_k, score_function)
+    return _switch_loss(moe_utils, scores_TE, routing_map_TE, top_k, num_experts)
 
 
 def sequence_balance_loss(logits_BSE: torch.Tensor, top_k: int, score_function: str = "sigmoid") -> torch.Tensor:
@@ -86,15 +91,7 @@ def sequence_balance_loss(logits_BSE: torch.Tensor, top_k: int, score_function: 
     routing_map_TE, scores_TE = moe_utils.compute_routing_scores_for_aux_loss(logits_TE, top_k, score_function)
     scores_SX = scores_TE.reshape(seq, batch * num_experts)
     routing_map_SX = routing_map_TE.reshape(seq, batch * num_experts)
-    loss = moe_utils.switch_load_balancing_loss_func(
-        probs=scores_SX,
-        tokens_per_expert=routing_map_SX.sum(dim=0),
-        total_num_tokens=seq,
-        topk=top_k,
-        num_experts=num_experts,
-        moe_aux_loss_coeff=1.0,
-    )
-    return loss / batch
+    return _switch_loss(moe_utils, scores_SX, routing_map_SX, top_k, num_experts) / batch
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:

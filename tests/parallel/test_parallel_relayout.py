@@ -194,15 +194,20 @@ def test_layouts_deepspeed_loads_directly_are_not_converted():
     assert plan_resume(Layout(1, 2, 1, "qwen3_moe"), Layout(1, 2, 2, "qwen3_moe"))
 
 
+def fake_checkpoint(run_dir, zero_stage: int) -> None:
+    """A complete-looking step-2 checkpoint written at ep 2 on 2 ranks: all the layout check reads."""
+    checkpoint = run_dir / "checkpoints" / "step_000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "COMPLETE").write_text("")
+    layout = {"ep_size": 2, "world_size": 2, "zero_stage": zero_stage, "model_type": "qwen3_moe"}
+    (checkpoint / "connito_state.json").write_text(json.dumps({"step": 2, "tokens_seen": 0, "layout": layout}))
+    (checkpoint.parent / "latest").write_text(checkpoint.name)
+
+
 def test_the_trainer_refuses_before_any_data_work(tmp_path):
     from connito.training.trainer import run_training
 
-    checkpoint = tmp_path / "run" / "checkpoints" / "step_000002"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "COMPLETE").write_text("")
-    layout = {"ep_size": 2, "world_size": 2, "zero_stage": 0, "model_type": "qwen3_moe"}
-    (checkpoint / "connito_state.json").write_text(json.dumps({"step": 2, "tokens_seen": 0, "layout": layout}))
-    (checkpoint.parent / "latest").write_text(checkpoint.name)
+    fake_checkpoint(tmp_path / "run", zero_stage=0)
     cfg = compose_train(small_overrides(tmp_path / "cache"))
     with pytest.raises(CheckpointLayoutError, match="cannot be resumed at ep_size 1, world size 1"):
         run_training(cfg, tmp_path / "run")
@@ -213,12 +218,7 @@ def test_a_lean_run_is_not_re_laid_and_the_error_names_the_saved_layout(tmp_path
     """Lean experts keep each rank's trainable experts (and their AdamW state) in slots shaped by the layout."""
     from connito.training.trainer import run_training
 
-    checkpoint = tmp_path / "run" / "checkpoints" / "step_000002"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "COMPLETE").write_text("")
-    layout = {"ep_size": 2, "world_size": 2, "zero_stage": 1, "model_type": "qwen3_moe"}
-    (checkpoint / "connito_state.json").write_text(json.dumps({"step": 2, "tokens_seen": 0, "layout": layout}))
-    (checkpoint.parent / "latest").write_text(checkpoint.name)
+    fake_checkpoint(tmp_path / "run", zero_stage=1)
     cfg = compose_train(small_overrides(data_cache) + ["engine=zero1", "+callbacks.trainable.experts=[[0,1]]"])
     with pytest.raises(CheckpointLayoutError) as error:
         run_training(cfg, tmp_path / "run")
