@@ -4,8 +4,10 @@
     DS_ACCELERATOR=cpu .venv/bin/python benchmarks/routing_modes.py --steps 40 --eval-rows 16    # smoke run
 
 Three runs of `connito train` (the one trainer, in this process) with the same model config (``qwen3_moe_tiny``:
-4 MoE layers x 8 experts, top-2), data (the bundled recipe), seed, optimizer, steps and load-balancing coefficient;
-only the routing differs:
+4 MoE layers x 8 experts, top-2), data (the bundled recipe), seed, optimizer and steps; the routing differs, and
+with it the balancing term that fits it (``--balance fitted``, the default: top-k the family's load-balancing loss,
+0.01; Expert Choice and expert thresholds none, as they balance by construction) or no balancing term for any
+(``--balance none``):
 
 * ``top-k``: the family's own routing (each token its 2 best experts);
 * ``expert_choice``: ``+callbacks.expert_choice.capacity_factor=1.0`` (each expert its C = T x 2 / 8 best tokens of
@@ -46,6 +48,13 @@ MODES = {
     "top-k": [],
     "expert_choice": ["+callbacks.expert_choice.capacity_factor=1.0"],
     "expert_threshold": ["+callbacks.expert_threshold.capacity_factor=1.0"],
+}
+BALANCE = {
+    # each route its own balancing: top-k the family's Switch loss on the top-k it routes by; Expert Choice (every
+    # expert takes exactly C tokens) and expert thresholds (capacity quantiles) balance by construction, and a top-k
+    # loss would push on a route they do not use
+    "fitted": {"top-k": 0.01, "expert_choice": 0.0, "expert_threshold": 0.0},
+    "none": {"top-k": 0.0, "expert_choice": 0.0, "expert_threshold": 0.0},
 }
 
 
@@ -137,6 +146,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="run directory (default: a temporary one)")
+    parser.add_argument("--balance", choices=sorted(BALANCE), default="fitted", help="balancing term per route")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -152,8 +162,9 @@ def main() -> None:
     rows, table = None, []
     for mode, extra in MODES.items():
         timer = StepTimer()
+        balance = [f"model.aux_loss_coef={BALANCE[args.balance][mode]}"]
         result = run_training(
-            compose(common + extra + [f"run.name={mode}", f"run.root={out}"]), out / mode, callbacks=[timer]
+            compose(common + extra + balance + [f"run.name={mode}", f"run.root={out}"]), out / mode, callbacks=[timer]
         )
         step_s = timer.mean()
         if rows is None:
@@ -166,7 +177,9 @@ def main() -> None:
     tokens = rows.numel()
     shape = f"{args.steps} steps x {args.micro_batch} rows x {args.seq_len} tokens"
     held = f"held-out: {len(rows)} rows, {tokens} tokens"
-    print(f"\nqwen3_moe_tiny (4 MoE layers x 8 experts, top-2), vocab {args.vocab}, {shape}; {held}\n")
+    coefs = ", ".join(f"{mode} {coef:g}" for mode, coef in BALANCE[args.balance].items())
+    print(f"\nqwen3_moe_tiny (4 MoE layers x 8 experts, top-2), vocab {args.vocab}, {shape}; {held}")
+    print(f"balancing ({args.balance}): model.aux_loss_coef {coefs}\n")
     print("| training routing | held-out route | held-out loss | experts / token | s / training step |")
     print("|---|---|---|---|---|")
     for mode, route, loss, experts, step_s in table:
