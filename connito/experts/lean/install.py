@@ -52,7 +52,7 @@ def _parent(model: nn.Module, prefix: str) -> nn.Module:
 
 def install(model: nn.Module, mask: ExpertMask, ep_size: int = 1, ep_rank: int = 0) -> LeanReport:
     """Slots for the experts of ``mask`` (global ids) that this expert-parallel rank will hold; see the module
-    docstring. Idempotent per layer: a layer that already has slots is refused."""
+    docstring. Install once per model: a layer that already has slots is refused."""
     from connito.experts.lean import forward  # registers the experts implementation
 
     view = ExpertView(model)
