@@ -116,3 +116,25 @@ def test_config_refuses_bad_options_with_the_fix():
         DesMoeConfig(phi=0)
     config = DesMoeConfig(phase_ends=[0.5], phase_parts=["router", ["experts", "backbone"]])
     assert config.phase_parts == [["router"], ["experts", "backbone"]]
+
+
+def test_the_map_is_locked_when_the_last_phase_starts():
+    """DES-MoE (Li et al. 2025) fixes the expert-domain map in phase III: refreshed at the end of the warm-up, every
+    T steps in phase II, once more when phase III starts, never after (unless lock_map_in_last_phase=false).
+    Connito's steps: refresh_due(s) is asked after s optimizer steps; phase III starts at step 70 of 100 here."""
+    from types import SimpleNamespace
+
+    from connito.adaptation.des_moe.callback import DesMoe
+    from connito.adaptation.des_moe.config import DesMoeConfig
+    from connito.adaptation.des_moe.phases import PhasePlan
+
+    def refreshes(steps: int, warmup: int, lock: bool, every: int = 10) -> list[int]:
+        config = DesMoeConfig(refresh_every=every, lock_map_in_last_phase=lock)
+        plan = PhasePlan.from_fractions([0.2, 0.7], [["router"], ["experts"], ["experts"]], steps)  # III from 70
+        callback = SimpleNamespace(config=config, warmup_steps=warmup, plan=plan)
+        return [s for s in range(1, steps + 1) if DesMoe.refresh_due(callback, s)]
+
+    assert refreshes(100, 20, lock=True) == [20, 30, 40, 50, 60, 70]
+    assert refreshes(100, 20, lock=False) == [20, 30, 40, 50, 60, 70, 80, 90, 100]
+    assert refreshes(100, 75, lock=True) == [75]  # a warm-up ending inside phase III: its first map, then locked
+    assert refreshes(100, 20, lock=True, every=0) == [20]  # refresh_every=0: the warm-up map stays

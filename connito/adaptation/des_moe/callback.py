@@ -153,8 +153,18 @@ class DesMoe(Callback):
             self.map.count(record.layer, self._domains_T, record.topk_ids_TK)
 
     def refresh_due(self, steps_done: int) -> bool:
+        """Whether the map is rebuilt after ``steps_done`` steps: at the end of the warm-up, every ``refresh_every``
+        steps after it, and (``lock_map_in_last_phase``) once more when the last phase starts, never after."""
         every, warmup = self.config.refresh_every, self.warmup_steps
-        return steps_done == warmup or (every > 0 and steps_done > warmup and (steps_done - warmup) % every == 0)
+        due = steps_done == warmup or (every > 0 and steps_done > warmup and (steps_done - warmup) % every == 0)
+        if not self.config.lock_map_in_last_phase or not self.plan.starts:
+            return due
+        lock = self.plan.starts[-1]
+        if steps_done < lock:
+            return due
+        if steps_done == lock:  # the last refresh, the map of the last phase (none with refresh_every=0)
+            return steps_done == warmup or (steps_done > warmup and every > 0)
+        return steps_done == warmup  # a warm-up that ends inside the last phase: its first map, then locked
 
     def on_step_end(self, trainer: Trainer, losses) -> None:
         step = trainer.state.step

@@ -46,6 +46,9 @@ class DesMoeConfig:
     experts are frozen and the map is not used)."""
     refresh_every: int = 100
     """T: after the warm-up the map is refreshed every T optimizer steps (0: never; the warm-up map stays)."""
+    lock_map_in_last_phase: bool = True
+    """The paper locks the expert-domain map in phase III: it is refreshed one last time when the last phase starts
+    and never after, so the experts the last phase trains stay the same. False: refresh through the whole run."""
     phase_ends: list = field(default_factory=lambda: [0.2, 0.7])
     """Where each phase but the last ends; phase i spans ``[round(end_{i-1} * steps), round(end_i * steps))``."""
     phase_parts: list = field(default_factory=lambda: [list(p) for p in DEFAULT_PHASE_PARTS])
