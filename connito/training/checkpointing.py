@@ -229,7 +229,8 @@ def restore_choice_biases(engine, checkpoint: Path) -> None:
     path = checkpoint / "mp_rank_00_model_states.pt"
     if not path.is_file():
         return
-    module = torch.load(path, map_location="cpu", weights_only=False)["module"]
+    # DeepSpeed's own file (it holds more than tensors); mmap: only the bias storages are read, not the whole file
+    module = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["module"]
     saved = {}
     for key, value in module.items():
         match = re.fullmatch(r".*layers\.(\d+)\..*\.e_score_correction_bias", key)

@@ -21,6 +21,8 @@ E experts, G slots.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -122,7 +124,9 @@ def _register() -> None:
 _register()
 
 
-def _lean_grouped_experts_class() -> type:
+@functools.cache
+def lean_grouped_experts_class() -> type:
+    """``LeanGroupedExperts``, built on first use: DeepSpeed is imported only where expert parallelism runs."""
     from deepspeed.moe.ep_experts import GroupedExperts, apply_expert_activation
 
     class LeanGroupedExperts(GroupedExperts):
@@ -150,17 +154,3 @@ def _lean_grouped_experts_class() -> type:
             return slot_linear(h, self.w2, slots.down_proj, offsets_E, experts_G).type_as(x)
 
     return LeanGroupedExperts
-
-
-class _LazyClass:
-    """``LeanGroupedExperts`` is built on first use: DeepSpeed is imported only where expert parallelism runs."""
-
-    _cls: type | None = None
-
-    def __getattr__(self, name):
-        if _LazyClass._cls is None:
-            _LazyClass._cls = _lean_grouped_experts_class()
-        return getattr(_LazyClass._cls, name)
-
-
-LeanGroupedExperts = _LazyClass()

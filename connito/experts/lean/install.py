@@ -7,16 +7,15 @@ this rank's trainable experts, freezes the fused tensors and switches the model'
 Connito's (``config._experts_implementation = "connito_lean"``, which runs transformers' own ``grouped_mm`` path
 for a layer without slots). A layer whose experts all train keeps its fused tensors trainable (nothing to save);
 a layer with none trains no expert. :func:`bind_autoep` runs after ``deepspeed.initialize`` under expert
-parallelism: it turns each AutoEP layer's ``experts`` module into a
-:class:`connito.experts.lean.forward.LeanGroupedExperts` (the same module and parameters, a subclass whose forward
-computes through the slots, as ``torch.nn.utils.parametrize`` swaps a module's class).
+parallelism: it turns each AutoEP layer's ``experts`` module into a ``LeanGroupedExperts``
+(:func:`connito.experts.lean.forward.lean_grouped_experts_class`: the same module and parameters, a subclass whose
+forward computes through the slots, as ``torch.nn.utils.parametrize`` swaps a module's class).
 
 Shape legend: L decoder layers, E routed experts, G slots, N expert-parallel size.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +25,6 @@ from connito.experts.addressing import ExpertMask
 from connito.experts.blocks import AutoEPMoEBlock, HFMoEBlock
 from connito.experts.lean.slots import LEAN_ATTR, LeanSlots, attach_model_hooks, lean_slots
 from connito.experts.view import ExpertView
-
-log = logging.getLogger("connito.experts")
 
 EXPERTS_IMPLEMENTATION = "connito_lean"
 
@@ -114,7 +111,7 @@ def install(model: nn.Module, mask: ExpertMask, ep_size: int = 1, ep_rank: int =
 def bind_autoep(model: nn.Module) -> None:
     """After AutoEP replaced the blocks: wrap each replaced layer's experts module so it computes through the slots,
     and check that AutoEP put on this rank the experts the slots were made for."""
-    from connito.experts.lean.forward import LeanGroupedExperts
+    from connito.experts.lean.forward import lean_grouped_experts_class
 
     by_layer = {slots.layer: slots for slots in lean_slots(model)}
     if not by_layer:
@@ -134,7 +131,7 @@ def bind_autoep(model: nn.Module) -> None:
                 "the slots were built for another expert-parallel rank"
             )
         experts = block.module.experts
-        LeanGroupedExperts.adopt(experts)
+        lean_grouped_experts_class().adopt(experts)
         slots.bind(experts, block.stacked_params())
 
 

@@ -153,10 +153,6 @@ def sync(model: nn.Module) -> None:
         slots.sync()
 
 
-def _sync_before_state_dict(module, prefix, keep_vars):
-    sync(module)
-
-
 def _slots_from_loaded(module, incompatible_keys):
     """After ``load_state_dict``: the slots are not in checkpoints; take them from the loaded fused rows."""
     own = {
@@ -168,8 +164,6 @@ def _slots_from_loaded(module, incompatible_keys):
 
 
 def attach_model_hooks(model: nn.Module) -> list:
-    """On the root model: sync before every ``state_dict()``, fill the slots after every ``load_state_dict()``."""
-    return [
-        model.register_state_dict_pre_hook(_sync_before_state_dict),
-        model.register_load_state_dict_post_hook(_slots_from_loaded),
-    ]
+    """On the root model: fill the slots after every ``load_state_dict()``. (Every ``state_dict()`` that reaches a
+    bound experts module syncs through that module's own pre-hook, :meth:`LeanSlots.bind`.)"""
+    return [model.register_load_state_dict_post_hook(_slots_from_loaded)]

@@ -96,6 +96,7 @@ class RoutingBalance(Callback):
     def __init__(self):
         self.routing: ObservedRouting | None = None
         self.rate = 0.0
+        self.biases: dict[int, torch.Tensor] = {}
 
     def on_engine_built(self, trainer: Trainer) -> None:
         cfg, family = trainer.cfg.model, trainer.family
@@ -118,6 +119,8 @@ class RoutingBalance(Callback):
                     "model have no choice bias (e_score_correction_bias) to update; the aux-loss-free bias update is "
                     "DeepSeek-V3's. Set model.expert_bias_update_rate=0 and balance with model.aux_loss_coef"
                 )
+        # the choice-bias buffers, updated in place after every step (checkpoint loads copy into them in place too)
+        self.biases = {layer: block.choice_bias() for layer, block in view.blocks()} if self.rate > 0 else {}
         self.routing = ObservedRouting(model, trainer.router_observer(), count_loads=self.rate > 0)
         for name, (coef, term) in wanted.items():
             if coef > 0:
@@ -127,9 +130,7 @@ class RoutingBalance(Callback):
         if self.routing is None or self.rate <= 0:
             return
         loads, self.routing.loads_LE = self.routing.loads_LE, {}
-        blocks = dict(ExpertView(trainer.engine.module).blocks())
-        for layer, block in blocks.items():  # every rank runs every layer's collective, in one order
-            bias_E = block.choice_bias()
+        for layer, bias_E in self.biases.items():  # every rank runs every layer's collective, in one order
             load_E = loads.get(layer, torch.zeros(bias_E.numel(), dtype=torch.float32)).to(bias_E.device)
             with torch.no_grad():
                 bias_E.copy_(updated_expert_bias(load_E, bias_E, self.rate, dist.group.WORLD).to(bias_E.dtype))
