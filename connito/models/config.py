@@ -24,6 +24,10 @@ class ModelConfig:
     aux_loss_coef: float = 0.01
     """Coefficient of the family's load-balancing loss (0 turns it off): transformers' own where the family has one,
     else DeepSeek-V2's expert-level balance loss (megatron-core's Switch loss, :mod:`connito.routing.balancing`)."""
+    device_aux_loss_coef: float = 0.0
+    """Coefficient of DeepSeek-V2's device-level balance loss (DeepSeek-V2 trains with 0.05; V2-Lite, which runs no
+    expert parallelism, with none): the experts of each expert-parallel rank are one device group, so it needs
+    ``parallel.ep_size > 1``; any MoE family."""
     seq_aux_loss_coef: float = 0.0
     """Coefficient of DeepSeek-V3's sequence-wise balance loss (DeepSeek-V3 trains with 0.0001); any MoE family."""
     z_loss_coef: float = 0.0

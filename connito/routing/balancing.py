@@ -9,6 +9,11 @@ router logits router observation captures, by megatron-core 0.16.1's
   ``E * sum_i f_i * P_i`` with ``f_i`` the share of the T x K top-k choices expert i got and ``P_i`` its mean score
   over the T tokens: ``compute_routing_scores_for_aux_loss`` then ``switch_load_balancing_loss_func``. (transformers'
   ``load_balancing_loss_func`` of the other families is K times this: it takes ``f_i`` as choices per token.)
+* :func:`device_balance_loss`: DeepSeek-V2's device-level balance loss (DeepSeek-V2 eq. 15-17), ``sum_i f'_i P'_i``
+  over D device groups of E / D contiguous experts (how expert parallelism places them: rank r holds experts
+  ``[r E / D, (r + 1) E / D)``), ``f'_i`` the mean of the group's ``f_j``, ``P'_i`` the sum of its ``P_j``. That is the
+  Switch loss over D "experts" whose choices and scores are the groups' sums, so it is megatron's
+  ``switch_load_balancing_loss_func`` on those sums (megatron-core has no device-level loss of its own).
 * :func:`sequence_balance_loss`: DeepSeek-V3's sequence-wise balance loss (DeepSeek-V3 eq. 17-20): the same loss per
   sequence, averaged over the batch's sequences, with megatron's reshaping of the batch into the expert dimension
   (``TopKRouter._apply_seq_aux_loss``). Scores are the family's: softmax (V2), sigmoid normalised per token (V3).
@@ -75,6 +80,25 @@ def expert_balance_loss(logits_TE: torch.Tensor, top_k: int, score_function: str
     num_experts = logits_TE.shape[1]
     routing_map_TE, scores_TE = moe_utils.compute_routing_scores_for_aux_loss(logits_TE, top_k, score_function)
     return _switch_loss(moe_utils, scores_TE, routing_map_TE, top_k, num_experts)
+
+
+def device_balance_loss(
+    logits_TE: torch.Tensor, top_k: int, num_devices: int, score_function: str = "softmax"
+) -> torch.Tensor:
+    """DeepSeek-V2's device-level balance loss of one MoE layer (coefficient 1): the experts split into
+    ``num_devices`` contiguous groups (the expert-parallel ranks' shards)."""
+    _check(logits_TE, top_k, score_function)
+    tokens, num_experts = logits_TE.shape
+    if num_devices < 2 or num_experts % num_devices:
+        raise ValueError(
+            f"num_devices={num_devices}: the device-level loss needs at least 2 device groups that split the "
+            f"{num_experts} experts evenly (the expert-parallel size)"
+        )
+    moe_utils = _moe_utils()
+    routing_map_TE, scores_TE = moe_utils.compute_routing_scores_for_aux_loss(logits_TE, top_k, score_function)
+    scores_TD = scores_TE.reshape(tokens, num_devices, -1).sum(-1)
+    choices_TD = routing_map_TE.reshape(tokens, num_devices, -1).sum(-1)
+    return _switch_loss(moe_utils, scores_TD, choices_TD, top_k, num_devices)
 
 
 def sequence_balance_loss(logits_BSE: torch.Tensor, top_k: int, score_function: str = "sigmoid") -> torch.Tensor:

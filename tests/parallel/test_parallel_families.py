@@ -5,6 +5,7 @@ deeper tests beside this file.)
 The default run covers one family with shared experts; the others run with the slow tests.
 """
 
+import json
 import shutil
 
 import pytest
@@ -78,3 +79,11 @@ def test_ep2_checkpoint_resumes_at_another_layout_with_identical_parameters(
     overrides = [*FAMILIES[family], "train.steps=3", f"parallel.ep_size={ep_size}"]
     train(tmp_path / "run", tmp_path / "dump", ranks, data_cache, overrides)
     assert_identical(saved, torch.load(tmp_path / "dump" / "loaded.pt"))
+
+
+def test_deepseek_v2_trains_its_device_level_balance_loss_over_the_ep_ranks(runs):
+    run = runs(2, [*FAMILIES["deepseek_v2"], "parallel.ep_size=2", "model.device_aux_loss_coef=0.05"])
+    records = [json.loads(line) for line in (run["dir"] / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train/device_balance_loss"] for r in records if "train/loss" in r]
+    # over D=2 device groups: 1 when both ranks' experts get half the choices, D=2 when one rank gets them all
+    assert len(losses) == len(run["loss"]) and all(0.5 < loss <= 2.0 + 1e-4 for loss in losses), losses

@@ -60,3 +60,9 @@ def test_a_bias_update_on_a_family_without_a_choice_bias_is_refused(tmp_path, da
     overrides = small_overrides(data_cache) + ["model.expert_bias_update_rate=0.001", "train.steps=1"]
     with pytest.raises(CallbackError, match="no choice bias .*model.expert_bias_update_rate=0"):
         run_training(compose_train(overrides), tmp_path / "qwen")
+
+
+def test_the_device_level_loss_without_expert_parallelism_is_refused(tmp_path, data_cache):
+    overrides = small_overrides(data_cache) + ["model=deepseek_v2_tiny", "model.device_aux_loss_coef=0.05"]
+    with pytest.raises(CallbackError, match=r"not defined at parallel.ep_size=1; run with parallel.ep_size>1"):
+        run_training(compose_train(overrides + ["train.steps=1"]), tmp_path / "v2")

@@ -4,6 +4,8 @@ config and attached by the trainer to every run:
 * ``model.aux_loss_coef`` on a family transformers computes no balance loss for (DeepSeek-V2, DeepSeek-V3, the
   Residual-MoE preset): DeepSeek-V2's expert-level balance loss (``train/balance_loss``); on the other families
   transformers' own loss (:class:`connito.training.callbacks.builtin.LoadBalancing`);
+* ``model.device_aux_loss_coef``: DeepSeek-V2's device-level balance loss (``train/device_balance_loss``) over the
+  ``parallel.ep_size`` groups of experts the expert-parallel ranks hold (refused at ep 1, where it is not defined);
 * ``model.seq_aux_loss_coef``: DeepSeek-V3's sequence-wise balance loss (``train/seq_balance_loss``);
 * ``model.z_loss_coef``: the router z-loss (``train/router_z_loss``), any family;
 * ``model.expert_bias_update_rate``: DeepSeek-V3's auxiliary-loss-free balancing. After every optimizer step each
@@ -19,6 +21,7 @@ sigmoid normalised per token (``Family.router_scoring``).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,7 +29,13 @@ import torch.distributed as dist
 
 from connito.experts import ExpertView
 from connito.routing import RouterObserver, RoutingRecord
-from connito.routing.balancing import expert_balance_loss, router_z_loss, sequence_balance_loss, updated_expert_bias
+from connito.routing.balancing import (
+    device_balance_loss,
+    expert_balance_loss,
+    router_z_loss,
+    sequence_balance_loss,
+    updated_expert_bias,
+)
 from connito.training.callbacks.base import Callback, CallbackError, LossTerm, MicroBatch
 
 if TYPE_CHECKING:
@@ -79,6 +88,15 @@ class ExpertBalanceTerm(_ObservedLoss):
         return expert_balance_loss(logits_TE, self.top_k, self.score_function)
 
 
+class DeviceBalanceTerm(_ObservedLoss):
+    def __init__(self, *args, num_devices: int):
+        super().__init__(*args)
+        self.num_devices = num_devices
+
+    def layer_loss(self, logits_TE, batch):
+        return device_balance_loss(logits_TE, self.top_k, self.num_devices, self.score_function)
+
+
 class SequenceBalanceTerm(_ObservedLoss):
     def layer_loss(self, logits_TE, batch):
         batch_size, seq = batch.input_ids_BT.shape
@@ -101,8 +119,17 @@ class RoutingBalance(Callback):
     def on_engine_built(self, trainer: Trainer) -> None:
         cfg, family = trainer.cfg.model, trainer.family
         expert_coef = 0.0 if family.has_aux_loss else cfg.aux_loss_coef  # transformers' own loss otherwise
+        ep_size = trainer.cfg.parallel.ep_size
+        if cfg.device_aux_loss_coef > 0 and ep_size < 2:
+            raise CallbackError(
+                f"model.device_aux_loss_coef={cfg.device_aux_loss_coef}: DeepSeek-V2's device-level balance loss "
+                "balances the experts' expert-parallel ranks and is not defined at parallel.ep_size=1; run with "
+                "parallel.ep_size>1 or set model.device_aux_loss_coef=0 (model.aux_loss_coef balances the experts)"
+            )
+        device_term = partial(DeviceBalanceTerm, num_devices=ep_size)
         wanted = {
             "balance_loss": (expert_coef, ExpertBalanceTerm),
+            "device_balance_loss": (cfg.device_aux_loss_coef, device_term),
             "seq_balance_loss": (cfg.seq_aux_loss_coef, SequenceBalanceTerm),
             "router_z_loss": (cfg.z_loss_coef, RouterZLossTerm),
         }
