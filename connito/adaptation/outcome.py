@@ -130,8 +130,16 @@ def domain_loss_table(model, sets) -> tuple[dict[str, int], dict[str, float]]:
 
 
 def method_label(cfg) -> str:
-    """``full``, ``des_moe``, ``esft-gate`` / ``esft-token`` (selected on the training data) or ``esft-mask`` (a
-    given mask file)."""
+    """``full``, ``des_moe`` (``des_moe I=router`` when phase I trains other parts than the default's),
+    ``esft-gate`` / ``esft-token`` (selected on the training data) or ``esft-mask`` (a given mask file)."""
+    if cfg.method == "des_moe":
+        from connito.adaptation.des_moe.config import DEFAULT_PHASE_PARTS
+
+        parts = (cfg.callbacks.get("des_moe") or {}).get("phase_parts")
+        if parts is None or [list(p) for p in parts] == DEFAULT_PHASE_PARTS:
+            return "des_moe"
+        first = [parts[0]] if isinstance(parts[0], str) else list(parts[0])
+        return f"des_moe I={'+'.join(first)}"
     if cfg.method != "esft":
         return cfg.method
     return "esft-mask" if cfg.esft.mask_file else f"esft-{cfg.esft.score}"

@@ -7,7 +7,7 @@ import torch
 
 from connito.adaptation.des_moe.config import DesMoeConfig
 from connito.adaptation.des_moe.domain_map import ExpertDomainMap, serving_experts
-from connito.adaptation.des_moe.phases import PhasePlan, backbone_names, trainable_set
+from connito.adaptation.des_moe.phases import BACKBONE_PARTS, PhasePlan, backbone_names, backbone_parts, trainable_set
 from connito.adaptation.des_moe.router import AdaptiveRouters
 from connito.experts import ExpertView
 from connito.training.callbacks import CallbackError
@@ -91,18 +91,45 @@ def test_phase_plan_boundaries_and_sets():
     model = build_tiny("qwen2_moe")
     AdaptiveRouters(model, seed=0)
     view = ExpertView(model)
-    backbone = backbone_names(model, view)
-    assert "model.layers.0.mlp.shared_expert.gate_proj.weight" in backbone  # shared experts are backbone
-    assert "model.embed_tokens.weight" in backbone and "model.norm.weight" in backbone
-    assert not any(".mlp.gate." in n or ".mlp.experts." in n for n in backbone)
+    names = backbone_names(model, view)
+    assert "model.layers.0.mlp.shared_expert.gate_proj.weight" in names  # shared experts are backbone
+    assert "model.embed_tokens.weight" in names and "model.norm.weight" in names
+    assert not any(".mlp.gate." in n or ".mlp.experts." in n for n in names)
+    backbone = backbone_parts(model, view)
     experts_LE = torch.zeros(len(view.moe_layers), 8, dtype=torch.bool)
     experts_LE[1, 3] = True
     phase1 = trainable_set(plan.parts[0], view, experts_LE, backbone)
-    assert phase1.routers and phase1.modules == backbone and len(phase1.experts) == 0
+    assert phase1.routers and set(phase1.modules) == set(names) and len(phase1.experts) == 0
     phase2 = trainable_set(plan.parts[1], view, experts_LE, backbone)
     assert phase2.routers and phase2.modules == () and phase2.experts.ids() == [(1, 3)]
     phase3 = trainable_set(plan.parts[2], view, None, backbone)  # before any map: every routed expert
     assert not phase3.routers and len(phase3.experts) == 3 * 8
+
+
+def test_backbone_parts_partition_the_backbone_by_what_each_parameter_is():
+    model = build_tiny("qwen2_moe")
+    AdaptiveRouters(model, seed=0)
+    view = ExpertView(model)
+    parts = backbone_parts(model, view)
+    assert tuple(parts) == BACKBONE_PARTS
+    flat = [name for names in parts.values() for name in names]
+    assert sorted(flat) == sorted(backbone_names(model, view)) and len(flat) == len(set(flat))  # a partition
+    # classified by hand from the module tree of Qwen2-MoE
+    for name in flat:
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            expected = "embeddings"
+        elif ".self_attn." in name:
+            expected = "attention"
+        elif name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight", "model.norm.weight")):
+            expected = "norms"
+        else:
+            assert ".mlp.shared_expert" in name or (".mlp." in name and ".experts." not in name), name
+            expected = "mlp"
+        assert name in parts[expected], f"{name} should be in {expected}"
+    assert parts["attention"] and parts["norms"] and parts["mlp"] and parts["embeddings"]
+    only = trainable_set(frozenset({"router", "attention", "norms"}), view, None, parts)
+    assert set(only.modules) == set(parts["attention"]) | set(parts["norms"]) and only.routers
+    assert not only.experts.ids()
 
 
 def test_config_refuses_bad_options_with_the_fix():
@@ -116,6 +143,8 @@ def test_config_refuses_bad_options_with_the_fix():
         DesMoeConfig(phi=0)
     config = DesMoeConfig(phase_ends=[0.5], phase_parts=["router", ["experts", "backbone"]])
     assert config.phase_parts == [["router"], ["experts", "backbone"]]
+    config = DesMoeConfig(phase_parts=[["router", "attention", "norms"], ["router", "experts"], ["experts"]])
+    assert config.phase_parts[0] == ["router", "attention", "norms"]
 
 
 def test_the_map_is_locked_when_the_last_phase_starts():

@@ -38,7 +38,7 @@ from connito.adaptation.des_moe.config import DesMoeConfig
 from connito.adaptation.des_moe.distill import RouterDistillation, kd_schedule
 from connito.adaptation.des_moe.domain_map import ExpertDomainMap
 from connito.adaptation.des_moe.export import calibration_captures, fold_into_state_dict, fold_layer, write_sidecar
-from connito.adaptation.des_moe.phases import PhasePlan, backbone_names, trainable_set
+from connito.adaptation.des_moe.phases import PhasePlan, backbone_parts, trainable_set
 from connito.adaptation.des_moe.router import AdaptiveRouters
 from connito.adaptation.des_moe.token_masks import TokenGradientMasks
 from connito.experts import ExpertView
@@ -93,7 +93,7 @@ class DesMoe(Callback):
         self.plan = PhasePlan.from_fractions(config.phase_ends, config.phase_parts, self.steps)
         view = ExpertView(model)
         self.routers = AdaptiveRouters(model, config.router_hidden_mult, config.seed, view)
-        self.backbone = backbone_names(model, view)
+        self.backbone = backbone_parts(model, view)
         self.map = ExpertDomainMap(len(domains), view.moe_layers, view.num_experts, config.phi, config.ema_new)
         report = freeze_untrainable(model, trainable_set(self.plan.union(), view, None, self.backbone))
         if trainer.info.is_main:

@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 
 from connito.training.callbacks import CallbackError
 
-PARTS = ("router", "backbone", "experts")
+PARTS = ("router", "backbone", "experts", "embeddings", "attention", "norms", "mlp")
 """What a phase can train. ``router``: every MoE layer's router (its pretrained linear weight and the adaptive MLP);
-``backbone``: every parameter that is neither a routed expert nor a router (embeddings, attention, norms, dense MLPs,
-shared experts, the LM head); ``experts``: the routed experts that some active domain's row of the expert-domain map
-allows (every routed expert before the first map exists)."""
+``experts``: the routed experts that some active domain's row of the expert-domain map allows (every routed expert
+before the first map exists); ``backbone``: every parameter that is neither a routed expert nor a router, the union
+of ``embeddings`` (input embedding and LM head), ``attention`` (each layer's attention module, q/k norms included),
+``norms`` (the layers' and the final norm weights) and ``mlp`` (dense layers' MLPs, shared experts and their gates):
+:func:`connito.adaptation.des_moe.phases.backbone_parts`."""
 
 DEFAULT_PHASE_PARTS = [["router", "backbone"], ["router", "experts"], ["experts"]]
 
@@ -53,8 +55,11 @@ class DesMoeConfig:
     """Where each phase but the last ends; phase i spans ``[round(end_{i-1} * steps), round(end_i * steps))``."""
     phase_parts: list = field(default_factory=lambda: [list(p) for p in DEFAULT_PHASE_PARTS])
     """What each phase trains, from :data:`PARTS`: one list per phase (``len(phase_ends) + 1`` of them). The
-    default follows the paper's equations: I router + backbone (experts frozen), II router + the domains'
-    experts, III the domains' experts only."""
+    default follows the paper's equations: I router + backbone (all of it: embeddings, attention, norms, dense and
+    shared MLPs; the routed experts frozen), II router + the domains' experts, III the domains' experts only. The
+    paper's figure caption trains router + experts in phase I instead (``[[router, experts], ...]``); a run that must
+    keep general text intact can leave the backbone out (``[[router], ...]``) or name parts of it
+    (``[[router, attention, norms], ...]``)."""
     domains: list = field(default_factory=list)
     """The active domains (names of the data's domains); empty: all of them. Tokens of another domain update no
     routed expert (their gradient still reaches the router and the backbone)."""
