@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.infra import pytest_configure  # noqa: F401  (under CI=true, a run that skipped every test fails)
+
 
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:

@@ -10,6 +10,7 @@ import pytest
 
 from connito.cli.command import discover
 from tests.helpers import clean_env, run_cli, small_overrides
+from tests.infra import require
 
 HUB_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
@@ -20,8 +21,7 @@ def installed_script() -> Path:
     if beside.is_file():
         return beside
     found = shutil.which("connito")
-    if found is None:
-        pytest.skip(f"no `connito` console script beside {sys.executable} or on PATH: run pip install -e .")
+    require(None if found else f"no `connito` console script beside {sys.executable} or on PATH: run pip install -e .")
     return Path(found)
 
 

@@ -12,6 +12,12 @@ import pytest
 from connito.data import DataConfig, DataError, recipe
 from connito.data.corpus import SPLITS, build_corpus
 from connito.data.downloads import _pip_download
+from tests.infra import require
+
+
+def require_debian(path: str, package: str) -> None:
+    """A Debian package's data that .ci/run installs: missing, the test skips (fails under CI=true)."""
+    require(None if Path(path).exists() else f"no {path}: apt-get install {package}")
 
 
 def test_every_default_domain_in_every_split(recipe_data):
@@ -89,18 +95,16 @@ def test_missing_debian_source_names_apt_get(tmp_path):
         recipe._debian_file(str(tmp_path / "missing" / "*"), "fortunes-de", "german")
 
 
-@pytest.mark.skipif(not Path("/usr/share/games/fortunes/de").is_dir(), reason="apt-get install fortunes-de")
 def test_german_fortunes_are_documents(tmp_path):
+    require_debian("/usr/share/games/fortunes/de", "fortunes-de")
     docs = [text for _, text in recipe.read_german(tmp_path)]
     assert len(docs) > 1000
     assert not any(line.strip() == "%" for doc in docs for line in doc.splitlines())
     assert any("ß" in doc or "ä" in doc for doc in docs)
 
 
-@pytest.mark.skipif(
-    not Path("/usr/share/metamath/databases/set.mm").is_file(), reason="apt-get install metamath-databases"
-)
 def test_metamath_sections_are_documents(tmp_path):
+    require_debian("/usr/share/metamath/databases/set.mm", "metamath-databases")
     docs = recipe.read_recipe(["math"], tmp_path, 200_000)["math"]
     assert len(docs) >= 10
     assert all(len(doc) <= 20_100 for doc in docs)

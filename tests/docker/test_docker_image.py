@@ -3,7 +3,7 @@
 docker/build_local.sh makes a debootstrap base, fills a wheelhouse from the host's pip and builds the image with
 buildah; docker/run_local.sh runs `connito train` in it with the run directory and a data cache prepared on the host
 mounted. The exported model is then read on the host with plain transformers. Needs root and
-`apt-get install -y debootstrap podman buildah`; skips otherwise.
+`apt-get install -y debootstrap podman buildah`; skips otherwise, or fails under CI=true (tests/infra.py).
 """
 
 import json
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import REPO, clean_env, run_cli, small_overrides
+from tests.infra import require
 
 IMAGE = "localhost/connito:cpu"
 TOOLS = ("debootstrap", "podman", "buildah")
@@ -30,7 +31,12 @@ def _why_not() -> str | None:
     return None
 
 
-pytestmark = [pytest.mark.docker, pytest.mark.skipif(_why_not() is not None, reason=_why_not() or "")]
+pytestmark = pytest.mark.docker
+
+
+@pytest.fixture(autouse=True)
+def _image_tools() -> None:
+    require(_why_not())
 
 
 def _script(name: str, args: list[str], timeout: int, **env: str) -> subprocess.CompletedProcess:

@@ -2,7 +2,8 @@
 
 Not a test file: import the fixture where it is used (``from tests.orchestration.slurm_cluster import
 slurm_cluster``) or from a conftest. The fixture never starts a cluster; CI starts one with
-``launch/slurm/local_cluster.sh up`` (root, Debian) before pytest, and the tests skip when there is none.
+``launch/slurm/local_cluster.sh up`` (root, Debian) before pytest. Without one the tests skip, or fail under
+``CI=true`` (:func:`tests.infra.require`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import subprocess
 from dataclasses import dataclass
 
 import pytest
+
+from tests.infra import require
 
 SKIP_REASON = "no SLURM cluster: run launch/slurm/local_cluster.sh up (root, Debian)"
 USABLE_STATES = ("idle", "mix", "alloc", "completing")  # sinfo %T prefixes of nodes that take jobs
@@ -59,8 +62,7 @@ def slurm_available() -> bool:
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> SlurmCluster:
-    """The running SLURM cluster; skips the test when there is none (it never starts one)."""
+    """The running SLURM cluster; without one the test skips, or fails under CI=true (it never starts one)."""
     found = _probe()
-    if not isinstance(found, SlurmCluster):
-        pytest.skip(found)
+    require(None if isinstance(found, SlurmCluster) else found)
     return found
