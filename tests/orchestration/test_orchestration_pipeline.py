@@ -174,9 +174,8 @@ def test_bad_launcher_settings_are_refused(fake):
         Plan("test", (Stage("s", (job(root, "a"), job(root, "a"))),))
 
 
-@pytest.mark.slow  # ~20-55 s; the default run keeps a lighter test of the same path
 def test_slurm_stages_are_arrays_chained_by_afterok(fake, monkeypatch):
-    """With a stand-in sbatch: the script, the dependency flags and the queued states."""
+    """With a stand-in sbatch (no SLURM needed): the script, the dependency flags and the queued states."""
     root = fake / "run"
     bin_dir = fake / "bin"
     bin_dir.mkdir()
