@@ -103,6 +103,9 @@ def hydra_app(command: Command) -> Callable[[], None]:
     @hydra.main(config_path=command.config_dir or config_dir(), config_name=command.config_name, version_base="1.3")
     def app(cfg: DictConfig) -> Any:
         quiet_libraries()
+        from connito.models.custom import register_with_transformers
+
+        register_with_transformers()  # checkpoints of Connito's own model classes load natively in every command
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         return command.run(OmegaConf.to_object(cfg), run_dir)
 

@@ -238,7 +238,19 @@ def ffn_chunks(ffn: dict[str, torch.Tensor], chunks: int) -> list[dict[str, torc
     return parts
 
 
-def merge_branches(
+@dataclass
+class MergedBranches:
+    """What :func:`build_btx` made in memory, before it is written: the filled MoE model, its inputs and the
+    provenance record (BAM extends all of them)."""
+
+    model: PreTrainedModel
+    seed: DenseCheckpoint
+    branches: list[DenseCheckpoint]
+    out: Path
+    provenance: dict
+
+
+def build_btx(
     seed_path: str | Path,
     branch_paths: Sequence[str | Path],
     out_dir: str | Path,
@@ -250,32 +262,33 @@ def merge_branches(
     seed: int = 0,
     chunks: int = 1,
     overwrite: bool = False,
-) -> Path:
-    """Merge dense ``branch_paths`` (trained from ``seed_path``) into an MoE checkpoint at ``out_dir`` (returned).
-    ``family`` defaults to the seed's (llama -> mixtral, qwen3 -> qwen3_moe, qwen2 -> qwen2_moe); see the module
-    docstring for what each expert and tensor becomes and what is refused."""
+    method: str = "BTX",
+    error: type[ModelError] = BTXError,
+) -> MergedBranches:
+    """Every check of :func:`merge_branches` (``out_dir`` included) and the merged model in memory, unwritten;
+    ``method`` and ``error`` name the caller in what is refused."""
     seed_dir = Path(seed_path).expanduser().resolve()
     branch_dirs = [Path(p).expanduser().resolve() for p in branch_paths]
     if len(branch_dirs) < 2:
-        raise BTXError(f"BTX merges at least 2 branches, got {len(branch_dirs)}: {[str(p) for p in branch_dirs]}")
+        raise error(f"{method} merges at least 2 branches, got {len(branch_dirs)}: {[str(p) for p in branch_dirs]}")
     for i, path in enumerate(branch_dirs):
         if path == seed_dir:
-            raise BTXError(f"branch {i} ('{path}') is the seed itself: pass the branches trained from it")
+            raise error(f"branch {i} ('{path}') is the seed itself: pass the branches trained from it")
         if path in branch_dirs[:i]:
-            raise BTXError(f"branch {i} ('{path}') is also branch {branch_dirs.index(path)}: pass each branch once")
+            raise error(f"branch {i} ('{path}') is also branch {branch_dirs.index(path)}: pass each branch once")
     inputs = {"the seed checkpoint": seed_dir, **{f"branch {i}": p for i, p in enumerate(branch_dirs)}}
     out = check_out_dir(out_dir, overwrite, inputs)
-    base = DenseCheckpoint(seed_dir, "the seed", BTXError)
-    branches = [DenseCheckpoint(p, f"branch {i}", BTXError) for i, p in enumerate(branch_dirs)]
+    base = DenseCheckpoint(seed_dir, "the seed", error)
+    branches = [DenseCheckpoint(p, f"branch {i}", error) for i, p in enumerate(branch_dirs)]
     given = isinstance(router_init, torch.Tensor)
-    family = check_seed(base, family, method="BTX", error=BTXError)
+    family = check_seed(base, family, method=method, error=error)
     options = BTXOptions(family, generalist, shared, "given" if given else router_init, seed, chunks)
     for branch in branches:
         _check_inputs(base, branch)
     dtype, config = base.dtype(), base.config
     width = int(config["intermediate_size"])
     if width % chunks:
-        raise BTXError(
+        raise error(
             f"chunks={chunks} does not divide the FFN width intermediate_size={width}: choose a divisor of {width}"
         )
     num_experts = (len(branches) + int(generalist)) * chunks
@@ -284,9 +297,9 @@ def merge_branches(
     routers_LEH = _router_rows(router_init, seed, shape_LEH, std)
     top_k = TOP_K * chunks
     moe_config = target_config(
-        config, options.family, num_experts, top_k=top_k, error=BTXError, expert_width=width // chunks
+        config, options.family, num_experts, top_k=top_k, error=error, expert_width=width // chunks
     )
-    model = build_moe(moe_config, base, dtype, error=BTXError)
+    model = build_moe(moe_config, base, dtype, error=error)
     fingerprints = [checkpoint_fingerprint(c.path) for c in [base, *branches]]
     if len(set(fingerprints[1:])) < len(branches):
         log.warning("two or more branches hold the same weights: their experts will be identical")
@@ -311,6 +324,29 @@ def merge_branches(
         },
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    write_checkpoint(model, out, seed_dir, PROVENANCE_FILE, provenance)
-    log.info("BTX checkpoint written to %s (%s)", out, ", ".join(experts))
-    return out
+    return MergedBranches(model, base, branches, out, provenance)
+
+
+def merge_branches(
+    seed_path: str | Path,
+    branch_paths: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    family: str | None = None,
+    generalist: bool = False,
+    shared: str = "average",
+    router_init: str | torch.Tensor = "random",
+    seed: int = 0,
+    chunks: int = 1,
+    overwrite: bool = False,
+) -> Path:
+    """Merge dense ``branch_paths`` (trained from ``seed_path``) into an MoE checkpoint at ``out_dir`` (returned).
+    ``family`` defaults to the seed's (llama -> mixtral, qwen3 -> qwen3_moe, qwen2 -> qwen2_moe); see the module
+    docstring for what each expert and tensor becomes and what is refused."""
+    merged = build_btx(
+        seed_path, branch_paths, out_dir, family=family, generalist=generalist, shared=shared,
+        router_init=router_init, seed=seed, chunks=chunks, overwrite=overwrite,
+    )  # fmt: skip
+    write_checkpoint(merged.model, merged.out, merged.seed.path, PROVENANCE_FILE, merged.provenance)
+    log.info("BTX checkpoint written to %s (%s)", merged.out, ", ".join(merged.provenance["experts"]))
+    return merged.out

@@ -188,6 +188,22 @@ for _family in (
         autoep=AutoEPSupport("deepseek_v3"),
         notes="balances with a routing bias (aux-loss-free); transformers computes no load-balancing loss",
     ),
+    # BAM (connito.models.custom.modeling_connito_bam): the base family's model with soft-routed attention experts.
+    # Its FFN MoE block is the base family's own, so the expert view, router observation and the load-balancing loss
+    # are the base's. No AutoEP: DeepSpeed's presets match the base family's model_type only.
+    *(
+        Family(
+            f"connito_bam_{base}",
+            layout,
+            load_balancing_loss=_lb(base),
+            notes=f"BAM on {base}: attention experts (Connito's modeling code); no expert parallelism",
+        )
+        for base, layout in (
+            ("qwen3_moe", MoELayout()),
+            ("mixtral", MoELayout(num_experts_key="num_local_experts")),
+            ("qwen2_moe", MoELayout(shared_experts_attr="shared_expert", shared_expert_gate_attr="shared_expert_gate")),
+        )
+    ),
     Family("llama", notes="dense: no experts"),
     Family("qwen3", notes="dense: no experts"),
     Family("qwen2", notes="dense: no experts"),

@@ -8,7 +8,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from connito.models.config import ModelConfig
+from connito.models.custom import register_with_transformers
 from connito.models.families import Family, ModelError, get_family
+
+register_with_transformers()  # Connito's own model classes (BAM) load natively, without remote code
 
 log = logging.getLogger("connito.models")
 
