@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from connito.cli.main import main
@@ -165,6 +166,99 @@ def test_loading_never_unpickles(package, monkeypatch):
     delta = load_delta(package[-1])
     assert len(delta.experts) == 3
     assert {p.suffix for p in package[-1].iterdir()} == {".json", ".safetensors"}
+
+
+LAYER1 = "experts-layer001.safetensors"  # experts (1, 2) and (1, 5) of the qwen3_moe package
+
+
+def edit_manifest(delta_dir: Path, edit) -> None:
+    manifest = json.loads((delta_dir / "manifest.json").read_text())
+    edit(manifest)
+    (delta_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+def rewrite_layer1(delta_dir: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Replace the layer-1 file and give the manifest its new sha256: a package consistent in every other way."""
+    save_file(tensors, delta_dir / LAYER1)
+    digest = "sha256:" + hashlib.sha256((delta_dir / LAYER1).read_bytes()).hexdigest()
+    edit_manifest(delta_dir, lambda m: m["files"][LAYER1].update(sha256=digest))
+
+
+@pytest.fixture
+def no_tensor_read(monkeypatch):
+    """load_delta reads no tensor: each refusal below must come before that."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor was read before the package was refused")
+
+    monkeypatch.setattr("connito.experts.delta.package.load_file", refuse)
+
+
+@pytest.mark.parametrize("outside", ["../stolen.safetensors", "absolute"])
+def test_a_manifest_naming_a_file_outside_the_package_is_refused(package, tmp_path, no_tensor_read, outside):
+    delta_dir = package[-1]
+    stolen = tmp_path / "stolen.safetensors"  # a real file with the sha256 the manifest will give it, outside
+    stolen.write_bytes((delta_dir / LAYER1).read_bytes())
+    name = str(stolen) if outside == "absolute" else outside
+    assert (delta_dir / name).resolve() == stolen
+
+    def point_tensors_at(m, file):
+        for entry in m["tensors"].values():
+            entry["file"] = file if entry["file"] == LAYER1 else entry["file"]
+
+    # Only the tensors' file: the manifest's file list does not hold it.
+    edit_manifest(delta_dir, lambda m: point_tensors_at(m, name))
+    with pytest.raises(DeltaError, match=rf"tensor 'experts.1.2.down_proj' is in '{re.escape(name)}', which 'files'"):
+        load_delta(delta_dir)
+    # The file list too, and the file inside gone: the name itself is refused.
+    edit_manifest(delta_dir, lambda m: m["files"].update({name: m["files"].pop(LAYER1)}))
+    (delta_dir / LAYER1).unlink()
+    message = rf"file '{re.escape(name)}' is not a plain \*.safetensors name inside the package \(no folder, no '..'"
+    with pytest.raises(DeltaError, match=message):
+        load_delta(delta_dir)
+
+
+@pytest.mark.parametrize("extra", ["extra.safetensors", "weights.bin", "nested"])
+def test_a_file_the_manifest_does_not_list_is_refused(package, no_tensor_read, extra):
+    delta_dir = package[-1]
+    if extra == "nested":
+        (delta_dir / extra).mkdir()
+        (delta_dir / extra / LAYER1).write_bytes((delta_dir / LAYER1).read_bytes())
+    elif extra == "weights.bin":
+        torch.save({"experts.1.2.down_proj": torch.zeros(2)}, delta_dir / extra)  # a pickle
+    else:
+        (delta_dir / extra).write_bytes((delta_dir / LAYER1).read_bytes())
+    with pytest.raises(DeltaError, match=rf"holds \['{extra}'\], which its manifest does not list .* remove them"):
+        load_delta(delta_dir)
+
+
+def test_a_tensor_the_manifest_does_not_list_is_refused(package, no_tensor_read):
+    delta_dir = package[-1]
+    original = load_file(delta_dir / LAYER1)
+
+    # A stowaway tensor in a listed file (the file's sha256 in the manifest matches).
+    rewrite_layer1(delta_dir, {**original, "stowaway": torch.zeros(3)})
+    with pytest.raises(DeltaError, match=rf"'{LAYER1}' holds tensors \['stowaway'\] that its manifest does not list"):
+        load_delta(delta_dir)
+    # A tensor the manifest lists missing from its file.
+    rewrite_layer1(delta_dir, {k: t for k, t in original.items() if k != "experts.1.5.down_proj"})
+    with pytest.raises(DeltaError, match=r"lacks tensors \['experts.1.5.down_proj'\] that its manifest lists"):
+        load_delta(delta_dir)
+
+    # The manifest itself lists a tensor it carries for nobody (no expert in its mask, no listed module), in a file
+    # that holds it: refused with the manifest, before any file is opened.
+    rewrite_layer1(delta_dir, {**original, "stowaway": torch.zeros(3)})
+    for key, message in [
+        ("experts.1.3.down_proj", r"tensor 'experts.1.3.down_proj' belongs to expert \(1, 3\), not in 'experts'"),
+        ("stowaway", "tensor 'stowaway' is neither a carried expert's nor a listed module's"),
+    ]:
+        manifest = json.loads((delta_dir / "manifest.json").read_text())
+        manifest["tensors"][key] = {"file": LAYER1, "shape": [3], "dtype": "float32"}
+        (delta_dir / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(DeltaError, match=message):
+            load_delta(delta_dir)
+        del manifest["tensors"][key]
+        (delta_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_a_delta_for_another_model_is_refused(package, tmp_path, tiny_builder):

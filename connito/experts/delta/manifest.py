@@ -153,7 +153,10 @@ class DeltaManifest:
         files = data["files"]
         for name, info in files.items():
             if Path(name).name != name or not name.endswith(".safetensors"):
-                raise DeltaError(f"{where}: file '{name}' is not a plain *.safetensors name inside the package")
+                raise DeltaError(
+                    f"{where}: file '{name}' is not a plain *.safetensors name inside the package (no folder, "
+                    "no '..', no absolute path); the package is damaged or was not written by save_delta"
+                )
             if not isinstance(info, dict) or not str(info.get("sha256", "")).startswith("sha256:"):
                 raise DeltaError(f"{where}: file '{name}' has no sha256 ('sha256:<hex>')")
         tensors = {}

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -176,37 +176,55 @@ def read_manifest(path: str | Path) -> DeltaManifest:
     return DeltaManifest.from_dict(data, str(manifest_file))
 
 
+def check_file(path: Path, name: str, sha256: str, expected: set[str]) -> None:
+    """``name`` in the package at ``path`` is a file with the manifest's ``sha256`` whose header names exactly the
+    tensors ``expected`` (the manifest's for it). Reads the header only, no tensor."""
+    file = path / name
+    if not file.is_file():
+        raise DeltaError(f"delta='{path}' is missing '{name}', which its manifest lists. Copy the package again")
+    actual = file_sha256(file)
+    if actual != sha256:
+        raise DeltaError(
+            f"delta='{path}': '{name}' has sha256 {actual[:19]}..., the manifest says {sha256[:19]}...: "
+            "the file changed after the delta was written (damaged or edited). Copy the package again from its "
+            "source, or write it again with save_delta"
+        )
+    try:
+        with safe_open(file, "pt") as handle:
+            names = set(handle.keys())
+    except SafetensorError as err:
+        raise DeltaError(f"delta='{path}': '{name}' is not a readable safetensors file ({err})") from None
+    if names - expected:
+        raise DeltaError(
+            f"delta='{path}': '{name}' holds tensors {sorted(names - expected)} that its manifest does not list; "
+            "the package was not written by save_delta. Write it again with save_delta"
+        )
+    if expected - names:
+        raise DeltaError(
+            f"delta='{path}': '{name}' lacks tensors {sorted(expected - names)} that its manifest lists there"
+        )
+
+
 def load_delta(path: str | Path) -> Delta:
-    """Read a delta package: manifest checked, every file's sha256 checked before it is parsed, every tensor's
-    name, shape and dtype checked against the manifest. Safetensors only: nothing is unpickled."""
+    """Read a delta package: manifest checked, nothing in the folder but the manifest and the files it lists, every
+    file's sha256 and tensor names (from its header) checked before any tensor is read, then every tensor's shape
+    and dtype checked against the manifest. Safetensors only: nothing is unpickled."""
     path = Path(path).expanduser()
     manifest = read_manifest(path)
-    unlisted = sorted(p.name for p in path.glob("*.safetensors") if p.name not in manifest.files)
+    unlisted = sorted(p.name for p in path.iterdir() if p.name != MANIFEST_FILE and p.name not in manifest.files)
     if unlisted:
-        raise DeltaError(f"delta='{path}' holds {unlisted}, which its manifest does not list; remove them")
-    loaded: dict[str, torch.Tensor] = {}
+        raise DeltaError(
+            f"delta='{path}' holds {unlisted}, which its manifest does not list (a package is {MANIFEST_FILE} and "
+            "the files it lists); remove them"
+        )
     for name, info in sorted(manifest.files.items()):
-        file = path / name
-        if not file.is_file():
-            raise DeltaError(f"delta='{path}' is missing '{name}', which its manifest lists. Copy the package again")
-        actual = file_sha256(file)
-        if actual != info["sha256"]:
-            raise DeltaError(
-                f"delta='{path}': '{name}' has sha256 {actual[:19]}..., the manifest says {info['sha256'][:19]}...: "
-                "the file changed after the delta was written (damaged or edited). Copy the package again from its "
-                "source, or write it again with save_delta"
-            )
+        check_file(path, name, info["sha256"], {k for k, e in manifest.tensors.items() if e.file == name})
+    loaded: dict[str, torch.Tensor] = {}
+    for name in sorted(manifest.files):
         try:
-            tensors = load_file(file)
+            loaded.update(load_file(path / name))
         except SafetensorError as err:
             raise DeltaError(f"delta='{path}': '{name}' is not a readable safetensors file ({err})") from None
-        expected = {key for key, entry in manifest.tensors.items() if entry.file == name}
-        if set(tensors) != expected:
-            raise DeltaError(
-                f"delta='{path}': '{name}' holds {sorted(set(tensors) - expected)} it should not and lacks "
-                f"{sorted(expected - set(tensors))}"
-            )
-        loaded.update(tensors)
     for key, entry in manifest.tensors.items():
         got = TensorEntry(entry.file, tuple(loaded[key].shape), dtype_name(loaded[key].dtype))
         if got != entry:
