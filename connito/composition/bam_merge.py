@@ -13,7 +13,8 @@ What BTX (:mod:`connito.composition.btx_merge`) does to the FFNs, BAM does to at
 * ``parallel_block=True``: BAM's parallel attention + FFN block (both read the layer's input); a sequentially
   trained seed computes something else in it (the FFN no longer sees the attention output): the fine-tuning stage
   has to recover that;
-* embeddings, the layers' norms, the final norm and the LM head: the mean over the branches (BTX's rule);
+* embeddings, the layers' norms, the final norm and the LM head: the mean over the branches (BTX's rule), or with
+  ``shared="seed"`` the seed's;
 * routers (FFN and attention): random, ``normal(0, initializer_range)`` from generators seeded by ``seed`` and
   ``seed + 1`` (BAM's), or given tensors (e.g. per-domain mean hidden states, rows in branch order).
 
@@ -65,6 +66,7 @@ def merge_bam(
     *,
     kv_sharing: bool = False,
     parallel_block: bool = False,
+    shared: str = "average",
     router_init: str | torch.Tensor = "random",
     attention_router_init: str | torch.Tensor = "random",
     seed: int = 0,
@@ -75,8 +77,8 @@ def merge_bam(
     see the module docstring. ``router_init`` / ``attention_router_init``: ``"random"`` or an [N, H] / [L, N, H]
     tensor (rows in branch order)."""
     merged = build_btx(
-        seed_path, branch_paths, out_dir, family=family, router_init=router_init, seed=seed, overwrite=overwrite,
-        method="BAM", error=BAMError,
+        seed_path, branch_paths, out_dir, family=family, shared=shared, router_init=router_init, seed=seed,
+        overwrite=overwrite, method="BAM", error=BAMError,
     )  # fmt: skip
     btx, branches = merged.model, merged.branches
     base = btx.config.model_type

@@ -74,9 +74,22 @@ class BranchConfig:
     """Training steps of each branch, on its domain alone."""
 
 
+MIX_METHODS = ("btx", "bam")
+
+
 @dataclass
 class MixConfig:
-    """The merge (:func:`connito.composition.btx_merge.merge_branches`)."""
+    """The merge: :func:`connito.composition.btx_merge.merge_branches` (``method=btx``) or
+    :func:`connito.composition.bam_merge.merge_bam` (``method=bam``)."""
+
+    method: str = "btx"
+    """``btx``: the branches' FFNs become experts, everything else averaged (Sukhbaatar et al. 2024). ``bam``: their
+    attention layers become soft-routed attention experts too (Zhang et al. 2024), in a checkpoint with Connito's
+    modeling code (``trust_remote_code=True`` for plain transformers)."""
+    kv_sharing: bool = False
+    """method=bam: the attention experts share one key/value projection (the branches' mean), BAM's KV variant."""
+    parallel_block: bool = False
+    """method=bam: BAM's parallel attention + FFN block (a sequential seed's function changes; fine-tuning recovers)."""
 
     generalist: bool = False
     """One more expert: the seed's FFN (the paper's generalist)."""
@@ -168,8 +181,21 @@ def _check_chunks(cfg: BtxConfig) -> None:
         )
 
 
+def _check_mix(mix: MixConfig) -> None:
+    if mix.method not in MIX_METHODS:
+        raise ValueError(f"mix.method={mix.method!r}: choose one of {', '.join(MIX_METHODS)}")
+    if mix.method == "btx" and (mix.kv_sharing or mix.parallel_block):
+        raise ValueError("mix.kv_sharing and mix.parallel_block shape BAM's attention experts: add mix.method=bam")
+    if mix.method == "bam" and (mix.generalist or mix.chunks != 1):
+        raise ValueError(
+            "mix.method=bam upcycles whole branches, one FFN and one attention expert each: mix.generalist and "
+            "mix.chunks are BTX's options (drop them, or use mix.method=btx)"
+        )
+
+
 def plan_btx(cfg: BtxConfig) -> Plan:
     """The stages of ``cfg``'s pipeline (see the module docstring)."""
+    _check_mix(cfg.mix)
     if cfg.finetune.train not in FINETUNE_TRAINS:
         raise ValueError(f"finetune.train={cfg.finetune.train!r}: choose one of {', '.join(FINETUNE_TRAINS)}")
     if cfg.mix.router_init not in ("random", "domain_means"):
@@ -197,6 +223,8 @@ def plan_btx(cfg: BtxConfig) -> Plan:
     stages += [Stage("branches", branches), Stage("merge", (merge,), {"mix": asdict(cfg.mix)})]
     if cfg.finetune.enabled:
         trainable = ["+callbacks.trainable.experts=[]", "+callbacks.trainable.routers=true"]
+        if cfg.mix.method == "bam":  # the attention experts' routers too
+            trainable.append("+callbacks.trainable.modules=[model.layers.*.self_attn.router.weight]")
         finetune = [
             f"model.path={override_value(str(root / 'merged'))}",
             "model.name=btx",
@@ -220,9 +248,10 @@ def plan_btx(cfg: BtxConfig) -> Plan:
 
 
 def run_merge(root: Path) -> Path:
-    """The merge job: every branch done, then merge them into ``<root>/merged``."""
+    """The merge job: every branch done, then merge them into ``<root>/merged`` (BTX or BAM, by ``mix.method``)."""
     import torch
 
+    from connito.composition.bam_merge import merge_bam
     from connito.composition.btx_merge import merge_branches
 
     plan = planned(root, "btx")
@@ -234,6 +263,11 @@ def run_merge(root: Path) -> Path:
     router_init: str | torch.Tensor = mix.router_init
     if mix.router_init == "domain_means":
         router_init = domain_mean_rows(seed, DataConfig(**settings["data"]), settings["domains"], mix)
+    if mix.method == "bam":
+        return merge_bam(
+            seed, branches, root / "merged", kv_sharing=mix.kv_sharing, parallel_block=mix.parallel_block,
+            shared=mix.shared, router_init=router_init, seed=mix.seed, overwrite=True,
+        )  # fmt: skip
     return merge_branches(
         seed, branches, root / "merged", generalist=mix.generalist, shared=mix.shared, router_init=router_init,
         seed=mix.seed, chunks=mix.chunks, overwrite=True,
@@ -261,9 +295,11 @@ def run_report(root: Path) -> dict:
     models.update({f"branch {d}": root / f"branch-{d}" / "hf" for d in settings["domains"]})
     if settings.get("baseline", {}).get("enabled"):
         models["dense, step-matched"] = root / "dense" / "hf"
-    models["merged"] = root / "merged"
+    method = settings.get("mix", {}).get("method", "btx")
+    merged = "merged" if method == "btx" else f"merged ({method.upper()})"
+    models[merged] = root / "merged"
     if settings.get("finetune", {}).get("enabled"):
-        models[f"merged + {settings['finetune']['train']} fine-tuning"] = root / "finetune" / "hf"
+        models[f"{merged} + {settings['finetune']['train']} fine-tuning"] = root / "finetune" / "hf"
     held_out = held_out_batches(DataConfig(**settings["data"]), seed, domains=settings["domains"],
                                 eval_tokens=settings["eval_tokens"] * len(settings["domains"]))  # fmt: skip
     rows = {}

@@ -70,6 +70,20 @@ def test_plan_options(tmp_path):
         plan_btx(config(tmp_path, **{"mix.chunks": 0}))
 
 
+def test_bam_is_a_mix_method_of_the_same_pipeline(tmp_path):
+    plan = plan_btx(config(tmp_path, **{"mix.method": "bam", "mix.kv_sharing": True, "finetune.train": "router"}))
+    assert [s.name for s in plan.stages] == ["seed", "branches", "merge", "finetune", "report"]
+    assert plan.stages[2].settings["mix"]["method"] == "bam" and plan.stages[2].settings["mix"]["kv_sharing"]
+    # router-only fine-tuning trains the attention experts' routers beside the FFN routers
+    assert "+callbacks.trainable.modules=[model.layers.*.self_attn.router.weight]" in plan.job("finetune").command
+    with pytest.raises(ValueError, match="mix.method='moe': choose one of btx, bam"):
+        plan_btx(config(tmp_path, **{"mix.method": "moe"}))
+    with pytest.raises(ValueError, match="shape BAM's attention experts: add mix.method=bam"):
+        plan_btx(config(tmp_path, **{"mix.kv_sharing": True}))
+    with pytest.raises(ValueError, match="mix.generalist and mix.chunks are BTX's options"):
+        plan_btx(config(tmp_path, **{"mix.method": "bam", "mix.chunks": 2}))
+
+
 def test_the_merge_refuses_an_incomplete_set_of_branches(tmp_path):
     cfg = config(tmp_path)
     root = tmp_path / "btx"
@@ -126,6 +140,25 @@ def test_a_killed_branch_is_rerun_alone_and_the_merge_equals_an_uninterrupted_ru
     assert all(merged[k].equal(reference[k]) for k in reference)
     report = json.loads((root / "btx_report.json").read_text())
     assert set(report["validation_loss"]) == {"seed", "branch code", "branch docs", "merged"}
+
+
+@pytest.mark.slow
+def test_bam_pipeline_end_to_end_writes_a_remote_code_checkpoint_it_fine_tunes_and_reports(tmp_path, data_cache):
+    args = small(tmp_path, data_cache, "bam", "mix.method=bam", "mix.kv_sharing=true", "finetune.enabled=true",
+                 "finetune.steps=3")  # fmt: skip
+    done = btx(args, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    root = tmp_path / "bam"
+    config = json.loads((root / "merged" / "config.json").read_text())
+    assert config["model_type"] == "connito_bam_mixtral"  # the tiny Llama seed upcycles into Mixtral's MoE
+    assert config["kv_sharing"] and "auto_map" in config and (root / "merged" / "modeling_connito_bam.py").is_file()
+    finetuned = json.loads((root / "finetune" / "hf" / "config.json").read_text())
+    assert finetuned["model_type"] == config["model_type"] and "auto_map" in finetuned
+    assert (root / "finetune" / "hf" / "modeling_connito_bam.py").is_file()  # the export carries its modeling code
+    report = json.loads((root / "btx_report.json").read_text())
+    assert set(report["validation_loss"]) == {
+        "seed", "branch code", "branch docs", "merged (BAM)", "merged (BAM) + all fine-tuning"
+    }  # fmt: skip
 
 
 @pytest.mark.slow
