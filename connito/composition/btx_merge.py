@@ -74,17 +74,16 @@ from transformers import PreTrainedModel
 from connito.composition.dense_to_moe import (
     FAMILY_OF_SEED,
     FFN_PARAM,
-    IGNORED_CONFIG_KEYS,
     ROUTER_AUX_LOSS_COEF,
     DenseCheckpoint,
     build_moe,
+    check_branch,
     check_seed,
     given_router_rows,
     target_config,
     write_checkpoint,
 )
 from connito.experts.autoep_mapping import fuse_experts
-from connito.experts.delta.manifest import file_sha256
 from connito.experts.delta.staging import check_out_dir
 from connito.experts.view import ExpertView
 from connito.models.families import ModelError
@@ -143,39 +142,6 @@ def branch_mean(tensors: Iterable[torch.Tensor], count: int, dtype: torch.dtype)
         total = tensor.clone() if total is None else total.add_(tensor)
     assert total is not None
     return (total / count).to(dtype)
-
-
-def _check_inputs(seed: DenseCheckpoint, branch: DenseCheckpoint) -> None:
-    """``branch`` has the seed's model_type, config (up to :data:`IGNORED_CONFIG_KEYS`), tensors and tokenizer."""
-    fix = "BTX branches are trained from the seed and keep its architecture and tokenizer"
-    if branch.config["model_type"] != seed.config["model_type"]:
-        raise BTXError(
-            f"{branch} is a {branch.config['model_type']} model, the seed a {seed.config['model_type']}. {fix}"
-        )
-    keys = sorted((set(seed.config) | set(branch.config)) - IGNORED_CONFIG_KEYS)
-    differ = [k for k in keys if seed.config.get(k) != branch.config.get(k)]
-    if differ:
-        listed = "; ".join(f"'{k}': seed {seed.config.get(k)!r}, branch {branch.config.get(k)!r}" for k in differ[:4])
-        raise BTXError(f"{branch} has another config than the seed ({listed}). {fix}")
-    names = set(seed.headers) ^ set(branch.headers)
-    if names:
-        where = "has no" if min(names) in seed.headers else "has an extra"
-        raise BTXError(f"{branch} {where} tensor '{min(names)}' (the seed's checkpoint differs). {fix}")
-    for name, (dtype, shape) in seed.headers.items():
-        (their_dtype, their_shape) = branch.headers[name]
-        if their_shape != shape:
-            raise BTXError(f"{branch}: '{name}' has shape {list(their_shape)}, in the seed {list(shape)}. {fix}")
-        if their_dtype != dtype:
-            raise BTXError(
-                f"{branch}: '{name}' is {their_dtype}, in the seed {dtype}. Re-save the branch in the seed's dtype "
-                "(experts are copied bit for bit, never cast)"
-            )
-    ours, theirs = seed.tokenizer_files(), branch.tokenizer_files()
-    for name in sorted(theirs):
-        if name not in ours:
-            raise BTXError(f"{branch} has tokenizer file '{name}', the seed has none: another tokenizer. {fix}")
-        if file_sha256(ours[name]) != file_sha256(theirs[name]):
-            raise BTXError(f"{branch}: tokenizer file '{name}' differs from the seed's (sha256). {fix}")
 
 
 def _router_rows(router_init: str | torch.Tensor, seed: int, shape_LEH: tuple[int, int, int], std: float):
@@ -284,7 +250,7 @@ def build_btx(
     family = check_seed(base, family, method=method, error=error)
     options = BTXOptions(family, generalist, shared, "given" if given else router_init, seed, chunks)
     for branch in branches:
-        _check_inputs(base, branch)
+        check_branch(base, branch, error)
     dtype, config = base.dtype(), base.config
     width = int(config["intermediate_size"])
     if width % chunks:

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
+from connito.experts.delta.manifest import file_sha256
 from connito.experts.delta.staging import TOKENIZER_FILES, copy_tokenizer_files, staged_dir
 from connito.experts.view import ExpertView
 from connito.models.families import ModelError
@@ -253,3 +254,35 @@ def write_checkpoint(model: PreTrainedModel, out: Path, seed_dir: Path, provenan
         if (seed_dir / "generation_config.json").is_file():
             shutil.copy2(seed_dir / "generation_config.json", stage / "generation_config.json")
         (stage / provenance_file).write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+def check_branch(seed: DenseCheckpoint, branch: DenseCheckpoint, error: type[ModelError]) -> None:
+    """``branch`` has the seed's model_type, config (up to :data:`IGNORED_CONFIG_KEYS`), tensors and tokenizer
+    (what BTX, BAM and BTS require of the branches they join)."""
+    fix = "branches are trained from the seed and keep its architecture and tokenizer"
+    if branch.config["model_type"] != seed.config["model_type"]:
+        raise error(f"{branch} is a {branch.config['model_type']} model, the seed a {seed.config['model_type']}. {fix}")
+    keys = sorted((set(seed.config) | set(branch.config)) - IGNORED_CONFIG_KEYS)
+    differ = [k for k in keys if seed.config.get(k) != branch.config.get(k)]
+    if differ:
+        listed = "; ".join(f"'{k}': seed {seed.config.get(k)!r}, branch {branch.config.get(k)!r}" for k in differ[:4])
+        raise error(f"{branch} has another config than the seed ({listed}). {fix}")
+    names = set(seed.headers) ^ set(branch.headers)
+    if names:
+        where = "has no" if min(names) in seed.headers else "has an extra"
+        raise error(f"{branch} {where} tensor '{min(names)}' (the seed's checkpoint differs). {fix}")
+    for name, (dtype, shape) in seed.headers.items():
+        (their_dtype, their_shape) = branch.headers[name]
+        if their_shape != shape:
+            raise error(f"{branch}: '{name}' has shape {list(their_shape)}, in the seed {list(shape)}. {fix}")
+        if their_dtype != dtype:
+            raise error(
+                f"{branch}: '{name}' is {their_dtype}, in the seed {dtype}. Re-save the branch in the seed's dtype "
+                "(experts are copied bit for bit, never cast)"
+            )
+    ours, theirs = seed.tokenizer_files(), branch.tokenizer_files()
+    for name in sorted(theirs):
+        if name not in ours:
+            raise error(f"{branch} has tokenizer file '{name}', the seed has none: another tokenizer. {fix}")
+        if file_sha256(ours[name]) != file_sha256(theirs[name]):
+            raise error(f"{branch}: tokenizer file '{name}' differs from the seed's (sha256). {fix}")

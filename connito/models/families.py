@@ -204,6 +204,7 @@ for _family in (
             ("qwen2_moe", MoELayout(shared_experts_attr="shared_expert", shared_expert_gate_attr="shared_expert_gate")),
         )
     ),
+    Family("connito_bts", notes="BTS (Connito's modeling code): frozen hub and branches, stitches; no routed experts"),
     Family("llama", notes="dense: no experts"),
     Family("qwen3", notes="dense: no experts"),
     Family("qwen2", notes="dense: no experts"),

@@ -5,6 +5,7 @@ Auto classes so Connito (and a Python user who calls it) loads them natively, wi
 the family table are :mod:`connito.models.families`'.
 
 - :mod:`connito.models.custom.modeling_connito_bam`: BAM, soft-routed attention experts beside the FFN experts.
+- :mod:`connito.models.custom.modeling_connito_bts`: BTS, a frozen hub and branches joined by trained stitches.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ def register_with_transformers() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from connito.models.custom.modeling_connito_bam import BAM_CLASSES
+    from connito.models.custom.modeling_connito_bts import ConnitoBtsConfig, ConnitoBtsForCausalLM
 
-    for config_cls, model_cls in BAM_CLASSES.values():
+    for config_cls, model_cls in [*BAM_CLASSES.values(), (ConnitoBtsConfig, ConnitoBtsForCausalLM)]:
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
     _registered = True
