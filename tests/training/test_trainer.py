@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from connito.data import prepare_data
 from connito.models import ModelError
 from connito.training.batches import PackedSplit
+from connito.training.callbacks import Callback, CallbackError
 from connito.training.evaluation import evaluate_by_domain
 from connito.training.trainer import run_training
 from tests.helpers import compose_train, small_overrides
@@ -134,3 +135,24 @@ def test_a_dense_model_trains_and_exports_through_the_same_trainer(data_cache, t
     input_ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=input_ids).logits, result.model.eval()(input_ids=input_ids).logits)
+
+
+def test_a_dense_model_trains_only_the_parameters_trainable_modules_names(data_cache, tmp_path):
+    """callbacks.trainable on a model without routed experts (a seed, a BTS model): named tensors train, the rest
+    stays bit-identical; expert options are refused with the fix."""
+    base = small_overrides(data_cache) + ["model=llama_tiny", "train.steps=3", "train.eval_every=0"]
+    named = ["+callbacks.trainable.experts=[]", "+callbacks.trainable.modules=[model.layers.1.mlp.*]"]
+
+    class Initial(Callback):
+        def on_engine_built(self, trainer):
+            self.state = {k: v.detach().clone() for k, v in trainer.engine.module.state_dict().items()}
+
+    initial = Initial()
+    result = run_training(compose_train(base + named), tmp_path / "run", callbacks=[initial])
+    before, after = initial.state, result.model.state_dict()
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert moved == {f"model.layers.1.mlp.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")}
+    record = json.loads((tmp_path / "run" / "trainable.json").read_text())
+    assert record["dense"] and record["trainable_numel"] == 3 * 128 * 256
+    with pytest.raises(CallbackError, match=r"llama is a dense model .* callbacks.trainable.modules="):
+        run_training(compose_train(base + ["+callbacks.trainable.experts=[[0,0]]"]), tmp_path / "bad")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -133,6 +134,9 @@ class Trainable(Callback):
 
     def on_model_built(self, trainer: Trainer, model: torch.nn.Module) -> None:
         check_engine_config(trainer.cfg.engine)
+        if not trainer.family.is_moe:
+            self._freeze_dense(trainer, model)
+            return
         self._base_path = trainer.cfg.model.path or None
         self.trainable = self.trainable_set(ExpertView(model))
         ep_size = trainer.cfg.parallel.ep_size
@@ -147,11 +151,43 @@ class Trainable(Callback):
             )  # fmt: skip
             (trainer.run_dir / "trainable.json").write_text(json.dumps(self.trainable.to_dict(), indent=1))
 
+    def _freeze_dense(self, trainer: Trainer, model: torch.nn.Module) -> None:
+        """A model without routed experts (a dense seed, a BTS model): train the parameters ``modules`` names, freeze
+        every other one whole (no gradient, no optimizer state, bit-identical)."""
+        kind = f"{trainer.family.model_type} is a dense model (no routed experts or routers)"
+        if self.mask_file is not None or self.experts or self.shared_experts or self.routers or self.router_rows:
+            raise CallbackError(
+                f"callbacks.trainable: {kind}; name what trains with callbacks.trainable.modules=[<name glob>, ...] "
+                "and experts=[]"
+            )
+        names = {id(p): [] for p in model.parameters()}
+        for name, param in model.named_parameters(remove_duplicate=False):  # tied names count
+            names[id(param)].append(name)
+        params = {id(p): p for p in model.parameters()}
+        chosen = {pid for pid, ns in names.items() if any(fnmatch(n, g) for n in ns for g in self.modules)}
+        if not chosen:
+            raise CallbackError(
+                f"callbacks.trainable.modules={list(self.modules)} matches no parameter of this {kind}: e.g. "
+                f"{names[next(iter(names))][0]}"
+            )
+        for pid, param in params.items():
+            if pid not in chosen:
+                param.requires_grad_(False)
+        trained = sum(params[pid].numel() for pid in chosen)
+        total = sum(p.numel() for p in params.values())
+        if trainer.info.is_main:
+            log.info("trainable: %d of %d parameters (%.1f%%) of a dense model, by name: %s", trained, total,
+                     100 * trained / total, list(self.modules))  # fmt: skip
+            record = {"dense": True, "modules": list(self.modules), "trainable_numel": trained, "total_numel": total}
+            (trainer.run_dir / "trainable.json").write_text(json.dumps(record, indent=1))
+
     def on_engine_built(self, trainer: Trainer) -> None:
-        self.mask = GradientMask(trainer.engine, self.trainable)
+        if self.trainable is not None:  # None: a dense model, frozen whole-tensor by requires_grad alone
+            self.mask = GradientMask(trainer.engine, self.trainable)
 
     def on_load(self, trainer: Trainer, checkpoint) -> None:
-        self.mask.refresh()
+        if self.mask is not None:
+            self.mask.refresh()
 
     def state_dict(self) -> dict:
         return {"trainable": self.mask.trainable.to_dict()} if self.mask is not None else {}
