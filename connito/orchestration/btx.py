@@ -55,7 +55,7 @@ from connito.training.config import RunConfig
 
 log = logging.getLogger("connito.orchestration")
 
-FINETUNE_TRAINS = ("router", "all")
+FINETUNE_TRAINS = ("router", "all", "stitches")
 
 
 @dataclass
@@ -74,7 +74,7 @@ class BranchConfig:
     """Training steps of each branch, on its domain alone."""
 
 
-MIX_METHODS = ("btx", "bam")
+MIX_METHODS = ("btx", "bam", "bts")
 
 
 @dataclass
@@ -90,6 +90,9 @@ class MixConfig:
     """method=bam: the attention experts share one key/value projection (the branches' mean), BAM's KV variant."""
     parallel_block: bool = False
     """method=bam: BAM's parallel attention + FFN block (a sequential seed's function changes; fine-tuning recovers)."""
+    stitch_every: int = 2
+    """method=bts: a stitch layer after every this many decoder layers (Branch-Train-Stitch, Zhang et al. 2025: the
+    seed is the frozen hub, the branches stay frozen beside it, only the stitches train; finetune.train=stitches)."""
 
     generalist: bool = False
     """One more expert: the seed's FFN (the paper's generalist)."""
@@ -117,7 +120,8 @@ class FinetuneConfig:
     enabled: bool = True
     steps: int = 100
     train: str = "all"
-    """``all``: every parameter (the paper's); ``router``: the routers alone."""
+    """``all``: every parameter (the paper's); ``router``: the routers alone; ``stitches``: the stitch layers alone
+    (mix.method=bts, which requires it: its hub and branches stay frozen)."""
     aux_loss_coef: float = 0.01
     """Load-balancing coefficient (the paper's 0.01)."""
 
@@ -186,18 +190,32 @@ def _check_mix(mix: MixConfig) -> None:
         raise ValueError(f"mix.method={mix.method!r}: choose one of {', '.join(MIX_METHODS)}")
     if mix.method == "btx" and (mix.kv_sharing or mix.parallel_block):
         raise ValueError("mix.kv_sharing and mix.parallel_block shape BAM's attention experts: add mix.method=bam")
-    if mix.method == "bam" and (mix.generalist or mix.chunks != 1):
+    if mix.method in ("bam", "bts") and (mix.generalist or mix.chunks != 1):
         raise ValueError(
-            "mix.method=bam upcycles whole branches, one FFN and one attention expert each: mix.generalist and "
-            "mix.chunks are BTX's options (drop them, or use mix.method=btx)"
+            f"mix.method={mix.method} uses whole branches: mix.generalist and mix.chunks are BTX's options (drop "
+            "them, or use mix.method=btx)"
+        )
+    if mix.method != "bts" and mix.stitch_every != 2:
+        raise ValueError("mix.stitch_every places BTS's stitch layers: add mix.method=bts")
+
+
+def _check_finetune(cfg: BtxConfig) -> None:
+    train = cfg.finetune.train
+    if train not in FINETUNE_TRAINS:
+        raise ValueError(f"finetune.train={train!r}: choose one of {', '.join(FINETUNE_TRAINS)}")
+    if cfg.finetune.enabled and (train == "stitches") != (cfg.mix.method == "bts"):
+        raise ValueError(
+            "mix.method=bts keeps its hub and branches frozen and trains the stitches alone: set "
+            "finetune.train=stitches"
+            if cfg.mix.method == "bts"
+            else "finetune.train=stitches trains BTS's stitch layers: add mix.method=bts (or train router or all)"
         )
 
 
 def plan_btx(cfg: BtxConfig) -> Plan:
     """The stages of ``cfg``'s pipeline (see the module docstring)."""
     _check_mix(cfg.mix)
-    if cfg.finetune.train not in FINETUNE_TRAINS:
-        raise ValueError(f"finetune.train={cfg.finetune.train!r}: choose one of {', '.join(FINETUNE_TRAINS)}")
+    _check_finetune(cfg)
     if cfg.mix.router_init not in ("random", "domain_means"):
         raise ValueError(f"mix.router_init={cfg.mix.router_init!r}: choose random or domain_means")
     if cfg.seed.path and not (Path(cfg.seed.path).expanduser() / "config.json").is_file():
@@ -225,12 +243,14 @@ def plan_btx(cfg: BtxConfig) -> Plan:
         trainable = ["+callbacks.trainable.experts=[]", "+callbacks.trainable.routers=true"]
         if cfg.mix.method == "bam":  # the attention experts' routers too
             trainable.append("+callbacks.trainable.modules=[model.layers.*.self_attn.router.weight]")
+        if cfg.finetune.train == "stitches":
+            trainable = ["+callbacks.trainable.experts=[]", "+callbacks.trainable.modules=[stitches.*]"]
         finetune = [
             f"model.path={override_value(str(root / 'merged'))}",
             "model.name=btx",
             f"model.aux_loss_coef={cfg.finetune.aux_loss_coef}",
             *data,
-            *(trainable if cfg.finetune.train == "router" else []),
+            *(trainable if cfg.finetune.train in ("router", "stitches") else []),
         ]
         finetune_job = train_job("finetune", root, finetune, cfg.finetune.steps, ranks, cfg.train_overrides)
         stages.append(Stage("finetune", (finetune_job,), {"finetune": asdict(cfg.finetune)}))
@@ -252,6 +272,7 @@ def run_merge(root: Path) -> Path:
     import torch
 
     from connito.composition.bam_merge import merge_bam
+    from connito.composition.bts_stitch import stitch_branches
     from connito.composition.btx_merge import merge_branches
 
     plan = planned(root, "btx")
@@ -263,6 +284,11 @@ def run_merge(root: Path) -> Path:
     router_init: str | torch.Tensor = mix.router_init
     if mix.router_init == "domain_means":
         router_init = domain_mean_rows(seed, DataConfig(**settings["data"]), settings["domains"], mix)
+    if mix.method == "bts":
+        return stitch_branches(
+            seed, branches, root / "merged", branch_names=settings["domains"], stitch_every=mix.stitch_every,
+            seed=mix.seed, overwrite=True,
+        )  # fmt: skip
     if mix.method == "bam":
         return merge_bam(
             seed, branches, root / "merged", kv_sharing=mix.kv_sharing, parallel_block=mix.parallel_block,
@@ -285,7 +311,7 @@ def domain_mean_rows(seed: Path, data: DataConfig, domains: list[str], mix: MixC
 def run_report(root: Path) -> dict:
     """The report job: held-out loss per domain of the seed, each branch, the merged and the fine-tuned model;
     writes ``btx_report.json`` and ``btx_report.md``."""
-    from connito.analysis.held_out import checkpoint_losses, held_out_batches, losses_table
+    from connito.analysis.held_out import checkpoint_losses, held_out_batches, load_checkpoint, losses_table
 
     plan = planned(root, "btx")
     settings = plan.all_settings()
@@ -306,6 +332,15 @@ def run_report(root: Path) -> dict:
     for name, path in models.items():
         rows[name] = checkpoint_losses(path, held_out)
         log.info("%s: %s", name, ", ".join(f"{k} {v:.3f}" for k, v in rows[name].items()))
+    if method == "bts":  # each branch opted out of the final model, no retraining: what the others keep
+        final = root / "finetune" / "hf" if settings.get("finetune", {}).get("enabled") else root / "merged"
+        for domain in settings["domains"]:
+            kept = [d for d in settings["domains"] if d != domain]
+            model = load_checkpoint(final)
+            model.config.active_branches = kept
+            name = f"{list(models)[-1]}, {domain} opted out"
+            rows[name] = held_out.losses(model)
+            log.info("%s: %s", name, ", ".join(f"{k} {v:.3f}" for k, v in rows[name].items()))
     columns = [*held_out.domains, "all"]
     table = losses_table(rows, columns)
     record = {

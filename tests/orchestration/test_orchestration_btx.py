@@ -84,6 +84,18 @@ def test_bam_is_a_mix_method_of_the_same_pipeline(tmp_path):
         plan_btx(config(tmp_path, **{"mix.method": "bam", "mix.chunks": 2}))
 
 
+def test_bts_is_a_mix_method_that_fine_tunes_its_stitches_alone(tmp_path):
+    plan = plan_btx(config(tmp_path, **{"mix.method": "bts", "mix.stitch_every": 1, "finetune.train": "stitches"}))
+    finetune = plan.job("finetune").command
+    assert "+callbacks.trainable.modules=[stitches.*]" in finetune and "+callbacks.trainable.experts=[]" in finetune
+    with pytest.raises(ValueError, match="trains the stitches alone: set finetune.train=stitches"):
+        plan_btx(config(tmp_path, **{"mix.method": "bts"}))
+    with pytest.raises(ValueError, match="finetune.train=stitches trains BTS's stitch layers: add mix.method=bts"):
+        plan_btx(config(tmp_path, **{"finetune.train": "stitches"}))
+    with pytest.raises(ValueError, match="mix.stitch_every places BTS's stitch layers"):
+        plan_btx(config(tmp_path, **{"mix.stitch_every": 1}))
+
+
 def test_the_merge_refuses_an_incomplete_set_of_branches(tmp_path):
     cfg = config(tmp_path)
     root = tmp_path / "btx"
@@ -159,6 +171,29 @@ def test_bam_pipeline_end_to_end_writes_a_remote_code_checkpoint_it_fine_tunes_a
     assert set(report["validation_loss"]) == {
         "seed", "branch code", "branch docs", "merged (BAM)", "merged (BAM) + all fine-tuning"
     }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_bts_pipeline_end_to_end_trains_only_the_stitches_and_reports_each_branch_opted_out(tmp_path, data_cache):
+    args = small(tmp_path, data_cache, "bts", "mix.method=bts", "mix.stitch_every=1", "finetune.enabled=true",
+                 "finetune.steps=3", "finetune.train=stitches")  # fmt: skip
+    done = btx(args, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    root = tmp_path / "bts"
+    merged, finetuned = weights(root / "merged"), weights(root / "finetune" / "hf")
+    assert merged.keys() == finetuned.keys()
+    moved = {k for k in merged if not merged[k].equal(finetuned[k])}
+    assert moved and all(k.startswith("stitches.") for k in moved), sorted(moved)[:5]  # hub, branches bit-identical
+    assert (root / "finetune" / "hf" / "modeling_connito_bts.py").is_file()
+    report = json.loads((root / "btx_report.json").read_text())
+    final = "merged (BTS) + stitches fine-tuning"
+    assert set(report["validation_loss"]) == {
+        "seed", "branch code", "branch docs", "merged (BTS)", final, f"{final}, code opted out",
+        f"{final}, docs opted out",
+    }  # fmt: skip
+    # the stitched model before training is the seed (zero projections)
+    losses = report["validation_loss"]
+    assert losses["merged (BTS)"] == pytest.approx(losses["seed"], abs=1e-6)
 
 
 @pytest.mark.slow
