@@ -196,7 +196,8 @@ for _family in (
             f"connito_bam_{base}",
             layout,
             load_balancing_loss=_lb(base),
-            notes=f"BAM on {base}: attention experts (Connito's modeling code); no expert parallelism",
+            notes=f"BAM on {base} (Connito's modeling code): DeepSpeed AutoEP's presets and layer swap know "
+            "transformers' own model types and attention only, so there is no expert parallelism for it",
         )
         for base, layout in (
             ("qwen3_moe", MoELayout()),

@@ -110,6 +110,8 @@ def validate_expert_parallel(
         why = "Connito has no AutoEP mapping for it"
         if family is not None and not family.is_moe:
             why = "it is a dense model (no experts to split)"
+        elif family is not None and family.notes:
+            why = family.notes
         served = ", ".join(f for f in moe_families() if get_family(f).autoep is not None)
         raise ExpertParallelError(
             f"parallel.ep_size={ep_size}: DeepSpeed AutoEP cannot run family '{model_type}': {why}. Set "

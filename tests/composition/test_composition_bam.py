@@ -168,3 +168,10 @@ def test_refusals_name_the_fix(tmp_path, upcycled):
     assert not (tmp_path / "bad").exists()
     with pytest.raises(BAMError, match=r"router"):
         merge_bam(seed, branches, tmp_path / "shape", attention_router_init=torch.zeros(5, TINY["hidden_size"]))
+
+
+def test_expert_parallelism_is_refused_with_the_reason():
+    from connito.parallel.expert_parallel import ExpertParallelError, validate_expert_parallel
+
+    with pytest.raises(ExpertParallelError, match=r"connito_bam_qwen3_moe.*AutoEP's presets .* no expert parallelism"):
+        validate_expert_parallel(2, 2, "connito_bam_qwen3_moe", 4, zero_stage=0, check_installed=False)
