@@ -50,7 +50,10 @@ def test_every_mapped_preset_exists_in_the_installed_deepspeed():
 
     for model_type in moe_families():
         autoep = get_family(model_type).autoep
-        assert autoep is not None, model_type  # every built-in MoE family runs expert parallel
+        if model_type.startswith("connito_"):  # Connito's own model classes (BAM): refused, see test_composition_bam
+            assert autoep is None, model_type
+            continue
+        assert autoep is not None, model_type  # every transformers MoE family runs expert parallel
         if autoep.preset is not None:
             assert autoep.preset in PRESET_MODELS
             assert model_type in PRESET_MODELS[autoep.preset].hf_model_types
