@@ -21,7 +21,7 @@ def run(cfg: BtxConfig, run_dir: Path) -> None:
 
 COMMAND = Command(
     name="btx",
-    summary="branch-train-mix: one dense branch per domain as parallel jobs (local/torchrun/SLURM), merged to an MoE",
+    summary="branch-train-mix: one dense branch per domain as parallel jobs, mixed by BTX, BAM or BTS (mix.method)",
     config_name="btx",
     schema=BtxConfig,
     run=run,
