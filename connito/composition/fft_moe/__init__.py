@@ -3,6 +3,7 @@
 - :mod:`.adapters`: M bottleneck experts and a top-k router beside each chosen FFN, zero at round 0.
 - :mod:`.balance`: the budget-normalised balance loss of the adapter routers and their per-expert token counts.
 - :mod:`.callback`: ``callbacks.fft_moe``, one client's local training on the one trainer.
+- :mod:`.server`: a client's update as a verified delta package, what the server accepts, per-expert aggregation.
 """
 
 from connito.composition.fft_moe import callback  # noqa: F401  (registers callbacks.fft_moe)
