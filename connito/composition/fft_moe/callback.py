@@ -10,7 +10,9 @@
   ``aux_loss_coef``, and the per-expert token counter;
 * ``on_export`` / ``on_exported``: the adapters leave the HF export (the base's checkpoint stays plain transformers)
   and are written beside it as ``hf/fft_moe_adapters.safetensors`` with ``hf/fft_moe_adapters.json`` (the spec, the
-  budget and the tokens each expert was routed: the experts a client trained are those with tokens).
+  budget and the tokens each expert was routed: the experts a client trained are those with tokens); with ``update``
+  (and ``client``) also the client's update for the server: a delta package of the adapters against ``model.path``
+  plus ``update.json`` (:func:`connito.composition.fft_moe.server.write_update`).
 
 Refused with the fix: ``parallel.ep_size > 1`` (AutoEP replaces the MoE blocks the adapters hook), ``callbacks.
 trainable`` in the same run (the adapters decide what trains), and ``model.aux_loss_coef > 0`` on an MoE base (its
@@ -66,7 +68,8 @@ class AdapterBalanceTerm(LossTerm):
 @register_callback("fft_moe")
 class FftMoe(Callback):
     """Options: ``top_k`` (the client's budget), ``num_experts``, ``width``, ``activation``, ``layers``,
-    ``aux_loss_coef``, ``init``."""
+    ``aux_loss_coef``, ``init``; ``client`` and ``update`` (a folder): write the client's update for the server
+    there (:func:`connito.composition.fft_moe.server.write_update`; |D_n| is the run's training rows)."""
 
     def __init__(
         self,
@@ -77,6 +80,8 @@ class FftMoe(Callback):
         layers: list[int] | None = None,
         aux_loss_coef: float = 0.01,
         init: str | None = None,
+        client: str = "",
+        update: str | None = None,
     ):
         self.spec = AdapterSpec(num_experts, width, activation, None if layers is None else tuple(layers))
         self.spec.check_budget(top_k)
@@ -84,7 +89,10 @@ class FftMoe(Callback):
             raise CallbackError(f"callbacks.fft_moe.aux_loss_coef={aux_loss_coef} must be >= 0 (0: no balance term)")
         if init is not None and not Path(init).expanduser().is_file():
             raise CallbackError(f"callbacks.fft_moe.init='{init}' is not a file (a safetensors file of adapters)")
+        if update is not None and not client:
+            raise CallbackError("callbacks.fft_moe.update writes a client's update: name the client, client=<name>")
         self.top_k, self.aux_loss_coef, self.init = int(top_k), float(aux_loss_coef), init
+        self.client, self.update = client, update
         self.adapters = {}
         self.routing: AdapterRouting | None = None
         self._exported: dict[str, torch.Tensor] = {}
@@ -132,6 +140,17 @@ class FftMoe(Callback):
         tensors = self._exported or adapter_state(trainer.engine.module)
         save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(export_dir / ADAPTERS_FILE))
         (export_dir / ADAPTERS_RECORD).write_text(json.dumps(self.record(), indent=1))
+        if self.update is not None:
+            if not trainer.cfg.model.path:
+                raise CallbackError(
+                    "callbacks.fft_moe.update: an update is a delta of the base checkpoint the client trained from; "
+                    "train from one (model.path=<base>)"
+                )
+            from connito.composition.fft_moe.server import write_update
+
+            out = write_update(tensors, trainer.cfg.model.path, self.update, client=self.client,
+                               num_examples=len(trainer.train_split), record=self.record(), overwrite=True)  # fmt: skip
+            log.info("fft_moe: client %s's update written to %s", self.client, out)
 
     def record(self) -> dict:
         """The spec, the budget and the tokens each adapter expert was routed in this run (rows: adapter layers)."""

@@ -1,0 +1,270 @@
+"""``connito federated``: FFT-MoE (Hu et al. 2025) as a pipeline of independent jobs, round after round.
+
+Stages (each a set of jobs, each job one ``connito`` command with its own directory under ``<run>/``):
+
+- ``base`` (only without ``base.path``): ``connito train`` of ``base.model`` on ``base.domains``: the frozen base;
+- ``init``: ``connito federated stage=init``: the round-0 global adapters (``round-000/global.safetensors``, drawn
+  from ``adapter.seed``, every up-projection zero) and each client's start (the same for all at round 0);
+- per round r, ``round-r``: one ``r<r>-<client>`` job per client, ``connito train`` from the base on the client's
+  domain alone with ``callbacks.fft_moe`` (its budget ``top_k``, its start as ``init``), which writes the client's
+  update (a delta package of its adapters + ``update.json``) into ``r<r>-<client>/update``; then ``aggregate-r``:
+  ``connito federated stage=aggregate round_index=r``, :func:`~connito.composition.fft_moe.server.aggregate_round`
+  (updates refused before aggregation name their client; ``skip_refused`` lets the round go on without them), which
+  writes ``round-<r+1>/global.safetensors``, each client's start (global experts + its own router) and
+  ``round-<r+1>/aggregation.json`` (accepted, refused, contributors per expert, bytes uploaded per client).
+
+Rerunning the command runs only the jobs that are not done: a killed client job is rerun alone (it resumes from its
+last checkpoint), and a round's aggregation waits for every client of that round.
+
+**Decisions.** Each client is one domain of ``data`` (non-IID by construction) with a budget (``budgets[i]``: the
+experts it routes each token to; every client may route to all M experts, the budget bounds how many at once).
+|D_n| is the number of training rows of the client's domain. An expert counts as trained by a client in a round
+when the client routed it at least one token (``tokens_per_expert`` of its update). Base routers of an MoE base stay
+frozen, so clients run with ``model.aux_loss_coef=0``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from connito.data.config import DataConfig
+from connito.orchestration.config import LauncherConfig
+from connito.orchestration.jobs import Stage
+from connito.orchestration.overrides import changed_overrides, override_value
+from connito.orchestration.plan import Plan
+from connito.orchestration.recipe import (
+    WEIGHTS,
+    check_domain_names,
+    job_ranks,
+    planned,
+    require_done,
+    run_root,
+    stage_job,
+    train_job,
+)
+from connito.training.config import RunConfig
+
+log = logging.getLogger("connito.orchestration")
+
+GLOBAL = "global.safetensors"
+AGGREGATION = "aggregation.json"
+UPDATE = "update"
+
+
+@dataclass
+class BaseConfig:
+    path: str = ""
+    """An existing checkpoint directory (dense or MoE, with its tokenizer): the frozen base; no base stage."""
+    model: str = "llama_tiny"
+    """Without ``path``: the ``configs/model`` preset the base stage trains."""
+    steps: int = 300
+    domains: list[str] = field(default_factory=lambda: ["prose", "wiki"])
+    """Without ``path``: the base's training text (domains of ``data``)."""
+
+
+@dataclass
+class AdapterOptions:
+    num_experts: int = 8
+    width: int = 16
+    activation: str = "gelu"
+    layers: list[int] | None = None
+    """Decoder layers with an adapter; null: every layer."""
+    aux_loss_coef: float = 0.01
+    """Weight of the budget-normalised balance loss (:mod:`connito.composition.fft_moe.balance`)."""
+    seed: int = 0
+    """Seed of the round-0 global adapters (routers and down-projections; every up-projection is zero)."""
+
+
+@dataclass
+class FederatedConfig:
+    """Root config of ``connito federated`` (``configs/federated.yaml``)."""
+
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="federated"))
+    data: DataConfig = field(default_factory=DataConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
+    clients: list[str] = field(default_factory=lambda: ["code", "docs"])
+    """One client per name, each a domain of ``data`` (its private data)."""
+    budgets: list[int] = field(default_factory=lambda: [1, 2])
+    """Experts per token of each client (``clients[i]`` routes to ``budgets[i]``), 1 to ``adapter.num_experts``."""
+    adapter: AdapterOptions = field(default_factory=AdapterOptions)
+    rounds: int = 2
+    client_steps: int = 50
+    """Local training steps of each client in each round."""
+    skip_refused: bool = False
+    """A refused update (damaged package, another base, non-finite values): false stops the round; true aggregates
+    without that client (the refusal is recorded in the round's aggregation.json)."""
+    train_overrides: list[str] = field(default_factory=list)
+    """More ``connito train`` overrides for every training job (base, clients)."""
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    rerun: str = "missing"
+    stage: str = ""
+    """Empty: plan and run the pipeline. Internal (what the jobs run): ``init``, ``aggregate`` (with
+    ``round_index``)."""
+    round_index: int = -1
+    """Internal, stage=aggregate: the round whose updates the job aggregates."""
+
+
+def check_clients(cfg: FederatedConfig) -> list[str]:
+    if cfg.data.source != "recipe":
+        raise ValueError(
+            f"data.source={cfg.data.source!r}: each client is one domain of the recipe (data.source=recipe)"
+        )
+    clients = list(cfg.clients)
+    if not clients:
+        raise ValueError(f"clients=[]: name at least one client, a domain of data.domains ({list(cfg.data.domains)})")
+    check_domain_names("clients", clients, list(cfg.data.domains))
+    if len(cfg.budgets) != len(clients):
+        raise ValueError(
+            f"budgets={list(cfg.budgets)} has {len(cfg.budgets)} entries for {len(clients)} clients {clients}: give "
+            "one budget (experts per token) per client"
+        )
+    bad = [b for b in cfg.budgets if not 1 <= b <= cfg.adapter.num_experts]
+    if bad:
+        raise ValueError(f"budgets {bad} are not between 1 and adapter.num_experts={cfg.adapter.num_experts}")
+    if not cfg.base.path:
+        check_domain_names("base.domains", list(cfg.base.domains), list(cfg.data.domains))
+    elif not (Path(cfg.base.path).expanduser() / "config.json").is_file():
+        raise ValueError(f"base.path={cfg.base.path!r} is not a checkpoint directory (no config.json)")
+    if cfg.rounds < 1:
+        raise ValueError(f"rounds={cfg.rounds}: run at least 1 round")
+    return clients
+
+
+def round_dir(root: Path, index: int) -> Path:
+    return root / f"round-{index:03d}"
+
+
+def start_file(root: Path, index: int, client: str) -> Path:
+    return round_dir(root, index) / f"start-{client}.safetensors"
+
+
+def base_dir(settings: dict, root: Path) -> Path:
+    path = settings["base"]["path"]
+    return Path(path).expanduser().resolve() if path else root / "base" / "hf"
+
+
+def client_job(cfg: FederatedConfig, root: Path, index: int, client: str, budget: int, ranks: int):
+    name = f"r{index}-{client}"
+    adapter = cfg.adapter
+    overrides = [
+        f"model.path={override_value(str(base_dir(asdict(cfg), root)))}",
+        f"model.name=fft-moe-{client}",
+        "model.aux_loss_coef=0",
+        *changed_overrides("data", cfg.data, domains=[client]),
+        f"+callbacks.fft_moe.top_k={budget}",
+        f"+callbacks.fft_moe.num_experts={adapter.num_experts}",
+        f"+callbacks.fft_moe.width={adapter.width}",
+        f"+callbacks.fft_moe.activation={override_value(adapter.activation)}",
+        f"+callbacks.fft_moe.layers={override_value(adapter.layers)}",
+        f"+callbacks.fft_moe.aux_loss_coef={adapter.aux_loss_coef!r}",
+        f"+callbacks.fft_moe.init={override_value(str(start_file(root, index, client)))}",
+        f"+callbacks.fft_moe.client={override_value(client)}",
+        f"+callbacks.fft_moe.update={override_value(str(root / name / UPDATE))}",
+    ]
+    job = train_job(name, root, overrides, cfg.client_steps, ranks, cfg.train_overrides)
+    return replace(job, outputs=(str(root / name / UPDATE / "update.json"),))
+
+
+def plan_federated(cfg: FederatedConfig) -> Plan:
+    """The stages of ``cfg``'s pipeline (see the module docstring)."""
+    clients = check_clients(cfg)
+    root, ranks = run_root(cfg.run), job_ranks(cfg.launcher)
+    stages = []
+    if not cfg.base.path:
+        data = changed_overrides("data", cfg.data, domains=list(cfg.base.domains))
+        base = train_job("base", root, [f"model={cfg.base.model}", *data], cfg.base.steps, ranks, cfg.train_overrides)
+        stages.append(Stage("base", (base,)))
+    init = stage_job("federated", "init", root, "init", round_dir(root, 0) / GLOBAL, workdir=str(round_dir(root, 0)))
+    stages.append(Stage("init", (init,), {"adapter": asdict(cfg.adapter)}))
+    for index in range(cfg.rounds):
+        jobs = tuple(client_job(cfg, root, index, c, b, ranks) for c, b in zip(clients, cfg.budgets, strict=True))
+        stages.append(Stage(f"round-{index}", jobs))
+        aggregate = stage_job("federated", f"aggregate-{index}", root, "aggregate", round_dir(root, index + 1) / GLOBAL,
+                              f"round_index={index}", workdir=str(round_dir(root, index + 1)))  # fmt: skip
+        stages.append(
+            Stage(f"aggregate-{index}", (aggregate,), {"skip_refused": cfg.skip_refused} if index == 0 else {})
+        )
+    settings = {
+        "clients": clients,
+        "budgets": list(cfg.budgets),
+        "base": asdict(cfg.base),
+        "data": asdict(cfg.data),
+        "train_overrides": list(cfg.train_overrides),
+    }
+    return Plan("federated", tuple(stages), settings)
+
+
+def _has_stage(plan: Plan, name: str) -> bool:
+    return any(stage.name == name for stage in plan.stages)
+
+
+def run_init(root: Path) -> Path:
+    """The init job: the round-0 global adapters on the base and every client's start (the same tensors)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from connito.analysis.held_out import load_checkpoint
+    from connito.composition.fft_moe import AdapterSpec, adapter_state, install_adapters
+
+    plan = planned(root, "federated")
+    settings = plan.all_settings()
+    if _has_stage(plan, "base"):
+        require_done(root, plan, "base", "no adapters were drawn")
+    options = AdapterOptions(**settings["adapter"])
+    spec = AdapterSpec(options.num_experts, options.width, options.activation,
+                       None if options.layers is None else tuple(options.layers))  # fmt: skip
+    model = load_checkpoint(base_dir(settings, root))
+    torch.manual_seed(options.seed)
+    install_adapters(model, spec, top_k=1)  # the budget is not a tensor: one set of adapters serves every budget
+    tensors = {n: t.contiguous() for n, t in adapter_state(model).items()}
+    out = round_dir(root, 0)
+    out.mkdir(parents=True, exist_ok=True)
+    for client in settings["clients"]:
+        save_file(tensors, str(start_file(root, 0, client)))
+    save_file(tensors, str(out / GLOBAL))  # last: the job's output says the round is ready
+    return out / GLOBAL
+
+
+def run_aggregate(root: Path, index: int) -> dict:
+    """The aggregation job of round ``index``: accept the clients' updates, aggregate, write round ``index + 1``."""
+    from safetensors.torch import load_file, save_file
+
+    from connito.composition.fft_moe.server import aggregate_round, client_start
+
+    plan = planned(root, "federated")
+    if not _has_stage(plan, f"round-{index}"):
+        raise ValueError(f"round_index={index}: {root} has no round {index}")
+    require_done(root, plan, f"round-{index}", "nothing was aggregated")
+    settings = plan.all_settings()
+    previous = load_file(str(round_dir(root, index) / GLOBAL))
+    updates = {client: root / f"r{index}-{client}" / UPDATE for client in settings["clients"]}
+    out = aggregate_round(updates, base_dir(settings, root), previous, skip_refused=settings["skip_refused"])
+    for client in out["refused"]:
+        log.warning("round %d: client %s's update refused (%s); aggregated without it", index, client,
+                    out["refused"][client])  # fmt: skip
+    target = round_dir(root, index + 1)
+    target.mkdir(parents=True, exist_ok=True)
+    for client in settings["clients"]:
+        own = out["routers"].get(client)
+        if own is None:  # refused this round: its router of the round's start
+            start = load_file(str(start_file(root, index, client)))
+            own = {n: t for n, t in start.items() if ".router." in n}
+        save_file(client_start(out["global"], own), str(start_file(root, index + 1, client)))
+    record = {
+        "schema": "connito.fft_moe.aggregation/1",
+        "round": index,
+        "accepted": out["accepted"],
+        "refused": out["refused"],
+        "contributors": out["contributors"],
+        "bytes_uploaded": out["bytes"],
+    }
+    (target / AGGREGATION).write_text(json.dumps(record, indent=1))
+    save_file({n: t.contiguous() for n, t in out["global"].items()}, str(target / GLOBAL))  # last: the job's output
+    print(f"round {index}: accepted {out['accepted']}, refused {sorted(out['refused'])}, bytes {out['bytes']}")
+    return record
+
+
+__all__ = ["WEIGHTS", "FederatedConfig", "plan_federated", "run_aggregate", "run_init"]

@@ -1,0 +1,121 @@
+"""``connito federated``: the plan (base, init, per round the clients' jobs then the aggregation), its refusals, and
+(slow) two clients with budgets 1 and 2 for two rounds on CPU: the base stays bit-identical, each round's global
+experts are the |D_n|-weighted mean of the updates of the clients that routed them a token, each client keeps its
+own router, a rerun runs nothing, and a killed (deleted) client job is rerun alone."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from connito.orchestration import read_plan
+from connito.orchestration.federated import FederatedConfig, plan_federated
+from connito.orchestration.jobs import read_state
+from tests.orchestration import pipelines
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def config(tmp_path, **changes) -> FederatedConfig:
+    return pipelines.config(FederatedConfig, tmp_path, "fed", **changes)
+
+
+def test_the_plan_trains_a_base_draws_the_adapters_then_runs_clients_and_aggregation_per_round(tmp_path):
+    plan = plan_federated(config(tmp_path, rounds=2))
+    root = tmp_path / "fed"
+    assert [s.name for s in plan.stages] == ["base", "init", "round-0", "aggregate-0", "round-1", "aggregate-1"]
+    assert [j.name for j in plan.stages[4].jobs] == ["r1-code", "r1-docs"]
+    code = plan.job("r1-code").command
+    assert code[0] == "train" and "data.domains=['code']" in code and "model.aux_loss_coef=0" in code
+    assert f"model.path='{root / 'base' / 'hf'}'" in code
+    assert "+callbacks.fft_moe.top_k=1" in code and "+callbacks.fft_moe.top_k=2" in plan.job("r1-docs").command
+    assert f"+callbacks.fft_moe.init='{root / 'round-001' / 'start-code.safetensors'}'" in code
+    assert plan.job("r1-code").outputs == (str(root / "r1-code" / "update" / "update.json"),)
+    aggregate = plan.job("aggregate-1")
+    assert "stage=aggregate" in aggregate.command and "round_index=1" in aggregate.command
+    assert aggregate.outputs == (str(root / "round-002" / "global.safetensors"),)
+    assert plan.all_settings()["skip_refused"] is False
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"budgets": [1]}, r"budgets=\[1\] has 1 entries for 2 clients \[.code., .docs.\]: give one budget"),
+        ({"budgets": [1, 9]}, r"budgets \[9\] are not between 1 and adapter.num_experts=8"),
+        ({"clients": ["code", "math"]}, r"clients: unknown domain\(s\) 'math'"),
+        ({"rounds": 0}, r"rounds=0: run at least 1 round"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_fix(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        plan_federated(config(tmp_path, **changes))
+
+
+def expert_names(tensors: dict, layer: int, expert: int) -> list[str]:
+    return [n for n in tensors if f".layers.{layer}.mlp_adapter.experts.{expert}." in n]
+
+
+@pytest.mark.slow
+def test_two_clients_two_rounds_aggregate_per_expert_over_who_trained_it(tmp_path, data_cache):
+    args = pipelines.small("federated", tmp_path, data_cache, "fed", "base.steps=4", "client_steps=3", "rounds=2",
+                           "adapter.num_experts=4", "adapter.width=8")  # fmt: skip
+    done = pipelines.connito(args, tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    root = tmp_path / "fed"
+    plan = read_plan(root)
+    assert {read_state(root, job.name).status for job in plan.jobs()} == {"done"}
+
+    base = load_file(root / "base" / "hf" / "model.safetensors")
+    for index in range(2):
+        previous = load_file(root / f"round-{index:03d}" / "global.safetensors")
+        merged = load_file(root / f"round-{index + 1:03d}" / "global.safetensors")
+        updates = {}
+        for client in ("code", "docs"):
+            update = root / f"r{index}-{client}" / "update"
+            record = json.loads((update / "update.json").read_text())
+            updates[client] = (record, load_file(update / "adapters" / "modules.safetensors"))
+            exported = load_file(root / f"r{index}-{client}" / "hf" / "model.safetensors")
+            assert all(torch.equal(exported[k], base[k]) for k in base)  # the base never moved
+        assert updates["code"][0]["top_k"] == 1 and updates["docs"][0]["top_k"] == 2
+        checked = 0
+        for row, layer in enumerate(updates["code"][0]["layers"]):
+            for expert in range(4):
+                who = [c for c, (rec, _) in updates.items() if rec["tokens_per_expert"][row][expert] > 0]
+                weights = {c: updates[c][0]["num_examples"] for c in who}
+                for name in expert_names(merged, layer, expert):
+                    if not who:
+                        assert torch.equal(merged[name], previous[name])
+                        continue
+                    expected = sum(weights[c] * updates[c][1]["modules." + name].double() for c in who)
+                    expected = (expected / sum(weights.values())).float()
+                    torch.testing.assert_close(merged[name], expected, rtol=1e-6, atol=1e-7)
+                    checked += 1
+        assert checked > 0
+        # each client's next start: the global experts with its own router
+        for client, (_, tensors) in updates.items():
+            start = load_file(root / f"round-{index + 1:03d}" / f"start-{client}.safetensors")
+            router = "model.layers.0.mlp_adapter.router.weight"
+            assert torch.equal(start[router], tensors["modules." + router])
+            assert torch.equal(start[expert_names(merged, 0, 0)[0]], merged[expert_names(merged, 0, 0)[0]])
+        aggregation = json.loads((root / f"round-{index + 1:03d}" / "aggregation.json").read_text())
+        assert aggregation["accepted"] == ["code", "docs"] and aggregation["refused"] == {}
+        assert all(size > 0 for size in aggregation["bytes_uploaded"].values())
+
+    # a rerun runs nothing; a killed client of round 1 (its update gone) is rerun alone, then round 1 aggregated again
+    def attempts():
+        return {
+            job.name: (read_state(root, job.name).attempt, read_state(root, job.name).started) for job in plan.jobs()
+        }
+
+    before = attempts()
+    again = pipelines.connito(args, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert attempts() == before
+    (root / "r1-docs" / "update" / "update.json").unlink()
+    again = pipelines.connito(args, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = attempts()
+    rerun = sorted(name for name in after if after[name] != before[name])
+    assert rerun == ["aggregate-1", "r1-docs"]
+    assert (root / "r1-docs" / "update" / "update.json").is_file()
