@@ -206,6 +206,7 @@ for _family in (
         )
     ),
     Family("connito_bts", notes="BTS (Connito's modeling code): frozen hub and branches, stitches; no routed experts"),
+    Family("connito_fft_moe", notes="FFT-MoE (Connito's modeling code): a frozen base with sparse MoE adapters"),
     Family("llama", notes="dense: no experts"),
     Family("qwen3", notes="dense: no experts"),
     Family("qwen2", notes="dense: no experts"),

@@ -7,8 +7,10 @@ and its output is added to the FFN's::
     p_TM = softmax(x_TH @ router^T),   w_tm = p_tm / sum_{j in topk_k(p_t)} p_tj
 
 with ``down_m`` H -> r, ``up_m`` r -> H (no biases) and ``k`` the client's budget (experts it routes each token to).
-Every ``up_m`` starts at zero, so a freshly installed adapter adds exactly ``0.0`` and the model computes the base's
-logits bit for bit (the round-0 global model of the paper).
+The modules themselves are defined in the standalone modeling file of the exported checkpoints
+(:mod:`connito.models.custom.modeling_connito_fft_moe`). Every ``up_m`` starts at zero, so a freshly installed
+adapter adds exactly ``0.0`` and the model computes the base's logits bit for bit (the round-0 global model of the
+paper).
 
 Parameter names (what delta packages and the server's aggregation address): the adapter is the decoder layer's
 ``mlp_adapter`` attribute, so on a causal LM ``model.layers.<l>.mlp_adapter.router.weight`` [M, H],
@@ -27,8 +29,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-ADAPTER_ATTR = "mlp_adapter"
-ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+# one definition of the adapter, in the standalone modeling file an exported checkpoint carries (layer 1)
+from connito.models.custom.modeling_connito_fft_moe import (
+    ACTIVATIONS,
+    ADAPTER_ATTR,
+    AdapterExpert,
+    SparseMoEAdapter,
+    add_adapter_output,
+)
+
+__all__ = ["ADAPTER_ATTR", "AdapterExpert", "AdapterSpec", "SparseMoEAdapter", "install_adapters"]
 
 
 class AdapterError(ValueError):
@@ -62,56 +72,6 @@ class AdapterSpec:
             )
 
 
-class AdapterExpert(nn.Module):
-    """One two-layer bottleneck MLP: ``up(act(down(x)))``; ``up`` starts at zero."""
-
-    def __init__(self, hidden: int, width: int, activation: str):
-        super().__init__()
-        self.down = nn.Linear(hidden, width, bias=False)
-        self.act = ACTIVATIONS[activation]()
-        self.up = nn.Linear(width, hidden, bias=False)
-        nn.init.zeros_(self.up.weight)
-
-    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
-        return self.up(self.act(self.down(x_TH)))
-
-
-class SparseMoEAdapter(nn.Module):
-    """M adapter experts and a softmax top-k router; ``top_k`` is the client's budget (a plain attribute, not a
-    parameter: the same global experts serve clients of every budget)."""
-
-    def __init__(self, hidden: int, spec: AdapterSpec, top_k: int):
-        super().__init__()
-        spec.check_budget(top_k)
-        self.top_k = top_k
-        self.router = nn.Linear(hidden, spec.num_experts, bias=False)
-        nn.init.normal_(self.router.weight, std=hidden**-0.5)
-        self.experts = nn.ModuleList(
-            AdapterExpert(hidden, spec.width, spec.activation) for _ in range(spec.num_experts)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_TH = x.reshape(-1, x.shape[-1])
-        logits_TM = self.router(x_TH)
-        probs_TM = torch.softmax(logits_TM.float(), dim=-1)
-        weights_TK, ids_TK = torch.topk(probs_TM, self.top_k, dim=-1)
-        weights_TK = (weights_TK / weights_TK.sum(dim=-1, keepdim=True)).to(x.dtype)
-        out_TH = torch.zeros_like(x_TH)
-        for m in ids_TK.unique().tolist():  # only the experts some token chose run (and get a gradient)
-            token_T, slot_T = torch.nonzero(ids_TK == m, as_tuple=True)
-            out_TH = out_TH.index_add(0, token_T, weights_TK[token_T, slot_T, None] * self.experts[m](x_TH[token_T]))
-        return out_TH.reshape(x.shape)
-
-
-def _add_adapter_output(adapter: SparseMoEAdapter):
-    def hook(module, args, output):
-        if isinstance(output, tuple):  # an FFN returning (hidden, router logits): the adapter joins the hidden states
-            return (output[0] + adapter(args[0]), *output[1:])
-        return output + adapter(args[0])
-
-    return hook
-
-
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a transformers causal LM (``model.model.layers``)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
@@ -138,9 +98,10 @@ def install_adapters(model: nn.Module, spec: AdapterSpec, top_k: int) -> dict[in
         if hasattr(layer, ADAPTER_ATTR):
             raise AdapterError(f"decoder layer {index} already has an adapter; install adapters once per model")
         param = next(layer.mlp.parameters())
-        adapter = SparseMoEAdapter(hidden, spec, top_k).to(device=param.device, dtype=param.dtype)
+        adapter = SparseMoEAdapter(hidden, spec.num_experts, spec.width, spec.activation, top_k)
+        adapter = adapter.to(device=param.device, dtype=param.dtype)
         layer.add_module(ADAPTER_ATTR, adapter)
-        layer.mlp.register_forward_hook(_add_adapter_output(adapter))
+        layer.mlp.register_forward_hook(add_adapter_output(adapter))
         installed[index] = adapter
     return installed
 

@@ -6,6 +6,7 @@ the family table are :mod:`connito.models.families`'.
 
 - :mod:`connito.models.custom.modeling_connito_bam`: BAM, soft-routed attention experts beside the FFN experts.
 - :mod:`connito.models.custom.modeling_connito_bts`: BTS, a frozen hub and branches joined by trained stitches.
+- :mod:`connito.models.custom.modeling_connito_fft_moe`: FFT-MoE, a frozen base with sparse MoE adapters.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ def register_with_transformers() -> None:
 
     from connito.models.custom.modeling_connito_bam import BAM_CLASSES
     from connito.models.custom.modeling_connito_bts import ConnitoBtsConfig, ConnitoBtsForCausalLM
+    from connito.models.custom.modeling_connito_fft_moe import ConnitoFftMoeConfig, ConnitoFftMoeForCausalLM
 
-    for config_cls, model_cls in [*BAM_CLASSES.values(), (ConnitoBtsConfig, ConnitoBtsForCausalLM)]:
+    custom = [(ConnitoBtsConfig, ConnitoBtsForCausalLM), (ConnitoFftMoeConfig, ConnitoFftMoeForCausalLM)]
+    for config_cls, model_cls in [*BAM_CLASSES.values(), *custom]:
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
     _registered = True
