@@ -11,7 +11,11 @@ Stages (each a set of jobs, each job one ``connito`` command with its own direct
   ``connito federated stage=aggregate round_index=r``, :func:`~connito.composition.fft_moe.server.aggregate_round`
   (updates refused before aggregation name their client; ``skip_refused`` lets the round go on without them), which
   writes ``round-<r+1>/global.safetensors``, each client's start (global experts + its own router) and
-  ``round-<r+1>/aggregation.json`` (accepted, refused, contributors per expert, bytes uploaded per client).
+  ``round-<r+1>/aggregation.json`` (accepted, refused, contributors per expert, bytes uploaded per client);
+- ``export``: ``connito federated stage=export``: per client a checkpoint transformers loads (base + the last
+  global experts + its own router, :func:`~connito.composition.fft_moe.export.export_client`) and its adapters
+  alone as a package, under ``export/<client>/``; the report ``federated_report.md`` / ``.json``: held-out loss on
+  each client's domain of the base and of each client's model, and the bytes each client uploaded per round.
 
 Rerunning the command runs only the jobs that are not done: a killed client job is rerun alone (it resumes from its
 last checkpoint), and a round's aggregation waits for every client of that round.
@@ -50,6 +54,7 @@ from connito.training.config import RunConfig
 log = logging.getLogger("connito.orchestration")
 
 GLOBAL = "global.safetensors"
+REPORT = "federated_report"
 AGGREGATION = "aggregation.json"
 UPDATE = "update"
 
@@ -98,6 +103,8 @@ class FederatedConfig:
     without that client (the refusal is recorded in the round's aggregation.json)."""
     train_overrides: list[str] = field(default_factory=list)
     """More ``connito train`` overrides for every training job (base, clients)."""
+    eval_tokens: int = 32768
+    """Held-out tokens per domain and model in the report."""
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     rerun: str = "missing"
     stage: str = ""
@@ -187,6 +194,8 @@ def plan_federated(cfg: FederatedConfig) -> Plan:
         stages.append(
             Stage(f"aggregate-{index}", (aggregate,), {"skip_refused": cfg.skip_refused} if index == 0 else {})
         )
+    export = stage_job("federated", "export", root, "export", root / f"{REPORT}.json", workdir=str(root / "export"))
+    stages.append(Stage("export", (export,), {"eval_tokens": cfg.eval_tokens, "rounds": cfg.rounds}))
     settings = {
         "clients": clients,
         "budgets": list(cfg.budgets),
@@ -267,4 +276,56 @@ def run_aggregate(root: Path, index: int) -> dict:
     return record
 
 
-__all__ = ["WEIGHTS", "FederatedConfig", "plan_federated", "run_aggregate", "run_init"]
+def run_export(root: Path) -> dict:
+    """The export job: per client ``export/<client>/hf`` (base + the last round's global experts + its own router, a
+    checkpoint transformers loads) and ``export/<client>/adapters`` (the adapters alone, an update package); then
+    the report: held-out loss on every client's domain of the base and of each client's model (its own router and
+    budget), and the bytes each client uploaded per round (``federated_report.json`` / ``.md``)."""
+    from safetensors.torch import load_file
+
+    from connito.analysis.held_out import checkpoint_losses, held_out_batches, losses_table
+    from connito.composition.fft_moe import AdapterSpec
+    from connito.composition.fft_moe.export import export_client
+    from connito.composition.fft_moe.server import write_update
+
+    plan = planned(root, "federated")
+    settings = plan.all_settings()
+    rounds = settings["rounds"]
+    require_done(root, plan, f"aggregate-{rounds - 1}", "nothing was exported")
+    options = AdapterOptions(**settings["adapter"])
+    spec = AdapterSpec(options.num_experts, options.width, options.activation,
+                       None if options.layers is None else tuple(options.layers))  # fmt: skip
+    base = base_dir(settings, root)
+    models = {"base": base}
+    for client, budget in zip(settings["clients"], settings["budgets"], strict=True):
+        tensors = load_file(str(start_file(root, rounds, client)))
+        out = root / "export" / client
+        models[f"{client} (budget {budget})"] = export_client(base, tensors, spec, budget, out / "hf", overwrite=True)
+        last = json.loads((root / f"r{rounds - 1}-{client}" / UPDATE / "update.json").read_text())
+        record = {k: last[k] for k in ("top_k", "layers", "tokens_per_expert")}
+        write_update(tensors, base, out / "adapters", client=client, num_examples=last["num_examples"], record=record,
+                     overwrite=True)  # fmt: skip
+    clients = list(settings["clients"])
+    held_out = held_out_batches(DataConfig(**settings["data"]), base, domains=clients,
+                                eval_tokens=settings["eval_tokens"] * len(clients))  # fmt: skip
+    rows = {name: checkpoint_losses(path, held_out) for name, path in models.items()}
+    uploads = [json.loads((round_dir(root, r + 1) / AGGREGATION).read_text())["bytes_uploaded"] for r in range(rounds)]
+    record = {
+        "schema": "connito.federated_report/1",
+        "models": {name: str(path) for name, path in models.items()},
+        "validation_loss": rows,
+        "bytes_uploaded_per_round": uploads,
+        "settings": settings,
+    }
+    (root / f"{REPORT}.json").write_text(json.dumps(record, indent=1))
+    table = losses_table(rows, [*clients, "all"])
+    sizes = "\n".join(f"| {r} | " + " | ".join(str(u.get(c, "refused")) for c in clients) + " |"
+                      for r, u in enumerate(uploads))  # fmt: skip
+    upload_table = "| round | " + " | ".join(clients) + " |\n" + "|---" * (len(clients) + 1) + "|\n" + sizes
+    text = f"{table}\n\nBytes each client uploaded per round\n\n{upload_table}\n"
+    (root / f"{REPORT}.md").write_text(f"# FFT-MoE: held-out loss per client domain (nats)\n\n{text}")
+    print(text)
+    return record
+
+
+__all__ = ["WEIGHTS", "FederatedConfig", "plan_federated", "run_aggregate", "run_export", "run_init"]

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from connito.orchestration import read_plan
 from connito.orchestration.federated import FederatedConfig, plan_federated
@@ -24,7 +25,8 @@ def config(tmp_path, **changes) -> FederatedConfig:
 def test_the_plan_trains_a_base_draws_the_adapters_then_runs_clients_and_aggregation_per_round(tmp_path):
     plan = plan_federated(config(tmp_path, rounds=2))
     root = tmp_path / "fed"
-    assert [s.name for s in plan.stages] == ["base", "init", "round-0", "aggregate-0", "round-1", "aggregate-1"]
+    stages = ["base", "init", "round-0", "aggregate-0", "round-1", "aggregate-1", "export"]
+    assert [s.name for s in plan.stages] == stages
     assert [j.name for j in plan.stages[4].jobs] == ["r1-code", "r1-docs"]
     code = plan.job("r1-code").command
     assert code[0] == "train" and "data.domains=['code']" in code and "model.aux_loss_coef=0" in code
@@ -36,6 +38,8 @@ def test_the_plan_trains_a_base_draws_the_adapters_then_runs_clients_and_aggrega
     assert "stage=aggregate" in aggregate.command and "round_index=1" in aggregate.command
     assert aggregate.outputs == (str(root / "round-002" / "global.safetensors"),)
     assert plan.all_settings()["skip_refused"] is False
+    assert "stage=export" in plan.job("export").command
+    assert plan.job("export").outputs == (str(root / "federated_report.json"),)
 
 
 @pytest.mark.parametrize(
@@ -102,6 +106,22 @@ def test_two_clients_two_rounds_aggregate_per_expert_over_who_trained_it(tmp_pat
         assert aggregation["accepted"] == ["code", "docs"] and aggregation["refused"] == {}
         assert all(size > 0 for size in aggregation["bytes_uploaded"].values())
 
+    # each client's export: base + the last global experts + its own router, and the report
+    import connito.models.loading  # noqa: F401  (registers Connito's model classes)
+
+    for client, budget in (("code", 1), ("docs", 2)):
+        model = AutoModelForCausalLM.from_pretrained(root / "export" / client / "hf")
+        assert model.config.model_type == "connito_fft_moe" and model.config.adapter_top_k == budget
+        start = load_file(root / "round-002" / f"start-{client}.safetensors")
+        state = model.state_dict()
+        assert all(torch.equal(state[f"base.{name}"], tensor) for name, tensor in start.items())
+        assert all(torch.equal(state[f"base.{name}"], tensor) for name, tensor in base.items())
+        assert (root / "export" / client / "adapters" / "adapters" / "manifest.json").is_file()
+    report = json.loads((root / "federated_report.json").read_text())
+    assert set(report["validation_loss"]) == {"base", "code (budget 1)", "docs (budget 2)"}
+    assert all(set(row) >= {"code", "docs", "all"} for row in report["validation_loss"].values())
+    assert [sorted(r) for r in report["bytes_uploaded_per_round"]] == [["code", "docs"]] * 2
+
     # a rerun runs nothing; a killed client of round 1 (its update gone) is rerun alone, then round 1 aggregated again
     def attempts():
         return {
@@ -117,5 +137,5 @@ def test_two_clients_two_rounds_aggregate_per_expert_over_who_trained_it(tmp_pat
     assert again.returncode == 0, again.stderr[-3000:]
     after = attempts()
     rerun = sorted(name for name in after if after[name] != before[name])
-    assert rerun == ["aggregate-1", "r1-docs"]
+    assert rerun == ["aggregate-1", "export", "r1-docs"]
     assert (root / "r1-docs" / "update" / "update.json").is_file()

@@ -10,7 +10,7 @@ from connito.orchestration.federated import FederatedConfig
 
 def run(cfg: FederatedConfig, run_dir: Path) -> None:
     from connito.cli.pipelines import run_pipeline_command
-    from connito.orchestration.federated import plan_federated, run_aggregate, run_init
+    from connito.orchestration.federated import REPORT, plan_federated, run_aggregate, run_export, run_init
 
     def aggregate(root: Path) -> None:
         if cfg.round_index < 0:
@@ -20,8 +20,9 @@ def run(cfg: FederatedConfig, run_dir: Path) -> None:
     stages = {
         "init": lambda root: print(f"global adapters: {run_init(root)}"),
         "aggregate": aggregate,
+        "export": lambda root: run_export(root),
     }
-    run_pipeline_command("federated", cfg, plan_federated, stages, "")
+    run_pipeline_command("federated", cfg, plan_federated, stages, f"{REPORT}.md")
 
 
 COMMAND = Command(
