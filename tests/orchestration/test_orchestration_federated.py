@@ -139,3 +139,21 @@ def test_two_clients_two_rounds_aggregate_per_expert_over_who_trained_it(tmp_pat
     rerun = sorted(name for name in after if after[name] != before[name])
     assert rerun == ["aggregate-1", "export", "r1-docs"]
     assert (root / "r1-docs" / "update" / "update.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_a_federated_round_as_slurm_arrays_through_sbatch(tmp_path, data_cache, slurm_cluster):
+    args = pipelines.small("federated", tmp_path, data_cache, "slurm", "base.steps=4", "client_steps=2", "rounds=1",
+                           "adapter.num_experts=4", "adapter.width=8", "eval_tokens=1024", "launcher.kind=slurm",
+                           "launcher.poll_seconds=1")  # fmt: skip
+    run = pipelines.connito(args, tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    root = tmp_path / "slurm"
+    states = {job.name: read_state(root, job.name) for job in read_plan(root).jobs()}
+    assert {s.status for s in states.values()} == {"done"} and all(s.slurm_job for s in states.values())
+    arrays = {name: s.slurm_job.split("_")[0] for name, s in states.items()}
+    assert arrays["r0-code"] == arrays["r0-docs"] != arrays["aggregate-0"]  # the clients: one array, in parallel
+    aggregation = json.loads((root / "round-001" / "aggregation.json").read_text())
+    assert aggregation["accepted"] == ["code", "docs"]
+    assert (root / "federated_report.md").is_file()
