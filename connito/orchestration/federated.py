@@ -101,6 +101,9 @@ class FederatedConfig:
     skip_refused: bool = False
     """A refused update (damaged package, another base, non-finite values): false stops the round; true aggregates
     without that client (the refusal is recorded in the round's aggregation.json)."""
+    local_only: bool = False
+    """The baseline without federation: the same jobs, but each client's next start is its own update (experts and
+    router), nothing averaged across clients (updates are still checked)."""
     train_overrides: list[str] = field(default_factory=list)
     """More ``connito train`` overrides for every training job (base, clients)."""
     eval_tokens: int = 32768
@@ -186,14 +189,13 @@ def plan_federated(cfg: FederatedConfig) -> Plan:
         stages.append(Stage("base", (base,)))
     init = stage_job("federated", "init", root, "init", round_dir(root, 0) / GLOBAL, workdir=str(round_dir(root, 0)))
     stages.append(Stage("init", (init,), {"adapter": asdict(cfg.adapter)}))
+    aggregation = {"skip_refused": cfg.skip_refused, "local_only": cfg.local_only}
     for index in range(cfg.rounds):
         jobs = tuple(client_job(cfg, root, index, c, b, ranks) for c, b in zip(clients, cfg.budgets, strict=True))
         stages.append(Stage(f"round-{index}", jobs))
         aggregate = stage_job("federated", f"aggregate-{index}", root, "aggregate", round_dir(root, index + 1) / GLOBAL,
                               f"round_index={index}", workdir=str(round_dir(root, index + 1)))  # fmt: skip
-        stages.append(
-            Stage(f"aggregate-{index}", (aggregate,), {"skip_refused": cfg.skip_refused} if index == 0 else {})
-        )
+        stages.append(Stage(f"aggregate-{index}", (aggregate,), aggregation if index == 0 else {}))
     export = stage_job("federated", "export", root, "export", root / f"{REPORT}.json", workdir=str(root / "export"))
     stages.append(Stage("export", (export,), {"eval_tokens": cfg.eval_tokens, "rounds": cfg.rounds}))
     settings = {
@@ -257,14 +259,19 @@ def run_aggregate(root: Path, index: int) -> dict:
     target = round_dir(root, index + 1)
     target.mkdir(parents=True, exist_ok=True)
     for client in settings["clients"]:
-        own = out["routers"].get(client)
-        if own is None:  # refused this round: its router of the round's start
-            start = load_file(str(start_file(root, index, client)))
-            own = {n: t for n, t in start.items() if ".router." in n}
-        save_file(client_start(out["global"], own), str(start_file(root, index + 1, client)))
+        start = load_file(str(start_file(root, index, client)))
+        if client not in out["routers"]:  # refused this round: it starts the next one as it started this one
+            own = start if settings.get("local_only") else {n: t for n, t in start.items() if ".router." in n}
+        elif settings.get("local_only"):  # the baseline: its own experts and router, nobody else's
+            own = out["updates"][client]
+        else:
+            own = out["routers"][client]
+        tensors = own if settings.get("local_only") else client_start(out["global"], own)
+        save_file({n: t.contiguous() for n, t in tensors.items()}, str(start_file(root, index + 1, client)))
     record = {
         "schema": "connito.fft_moe.aggregation/1",
         "round": index,
+        "local_only": bool(settings.get("local_only")),
         "accepted": out["accepted"],
         "refused": out["refused"],
         "contributors": out["contributors"],

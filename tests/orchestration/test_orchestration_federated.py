@@ -157,3 +157,75 @@ def test_a_federated_round_as_slurm_arrays_through_sbatch(tmp_path, data_cache, 
     aggregation = json.loads((root / "round-001" / "aggregation.json").read_text())
     assert aggregation["accepted"] == ["code", "docs"]
     assert (root / "federated_report.md").is_file()
+
+
+def prepared_round(tmp_path, **changes):
+    """A pipeline on a saved tiny base, its round-0 adapters drawn and both clients' round-0 jobs done: the code
+    client (20 rows) sent all-1 tensors and routed expert 0 of layer 0 only, docs (60 rows) all-3 and experts 0, 1."""
+    from connito.composition.fft_moe.server import write_update
+    from connito.orchestration.federated import run_init
+    from connito.orchestration.jobs import JobState, write_state
+    from connito.orchestration.plan import write_plan
+    from tests.composition.test_composition_fft_moe_server import save_base
+
+    base = save_base(tmp_path / "base")
+    cfg = config(tmp_path, **{"base.path": str(base), "rounds": 1, "adapter.num_experts": 2, "adapter.width": 2,
+                              **changes})  # fmt: skip
+    root = tmp_path / "fed"
+    plan = plan_federated(cfg)
+    write_plan(root, plan)
+    write_state(root, JobState(job="init", status="done"))
+    run_init(root)
+    start = load_file(root / "round-000" / "global.safetensors")
+    for client, rows, value, trained in (("code", 20, 1.0, [[5, 0], [0, 0]]), ("docs", 60, 3.0, [[5, 5], [0, 0]])):
+        record = {"top_k": 1, "layers": [0, 1], "tokens_per_expert": trained}
+        tensors = {n: torch.full_like(t, value) for n, t in start.items()}
+        write_update(tensors, base, root / f"r0-{client}" / "update", client=client, num_examples=rows, record=record)
+        write_state(root, JobState(job=f"r0-{client}", status="done"))
+    return root, start
+
+
+def test_the_aggregation_job_writes_the_weighted_experts_and_each_clients_own_router(tmp_path):
+    from connito.orchestration.federated import run_aggregate
+
+    root, start = prepared_round(tmp_path)
+    record = run_aggregate(root, 0)
+    assert record["accepted"] == ["code", "docs"] and record["contributors"]["0.0"] == ["code", "docs"]
+    merged = load_file(root / "round-001" / "global.safetensors")
+    e00, e01 = expert_names(merged, 0, 0), expert_names(merged, 0, 1)
+    assert all(torch.equal(merged[n], torch.full_like(merged[n], (20 * 1.0 + 60 * 3.0) / 80)) for n in e00)
+    assert all(torch.equal(merged[n], torch.full_like(merged[n], 3.0)) for n in e01)  # docs alone trained it
+    assert all(torch.equal(merged[n], start[n]) for n in expert_names(merged, 1, 0))  # nobody: unchanged
+    router = "model.layers.0.mlp_adapter.router.weight"
+    for client, value in (("code", 1.0), ("docs", 3.0)):
+        next_start = load_file(root / "round-001" / f"start-{client}.safetensors")
+        assert torch.equal(next_start[router], torch.full_like(start[router], value))
+        assert all(torch.equal(next_start[n], merged[n]) for n in e00)
+
+
+def test_a_tampered_update_stops_the_round_unless_skip_refused_and_local_only_averages_nothing(tmp_path):
+    from connito.composition.fft_moe.server import UpdateRefused
+    from connito.orchestration.federated import run_aggregate
+    from tests.composition.test_composition_fft_moe_server import tamper
+
+    root, start = prepared_round(tmp_path / "stop")
+    tamper(root / "r0-code" / "update")
+    with pytest.raises(UpdateRefused, match="update of client 'code' refused: its package fails verification"):
+        run_aggregate(root, 0)
+    assert not (root / "round-001" / "global.safetensors").exists()
+
+    root, start = prepared_round(tmp_path / "skip", skip_refused=True)
+    tamper(root / "r0-code" / "update")
+    record = run_aggregate(root, 0)
+    assert record["accepted"] == ["docs"] and list(record["refused"]) == ["code"]
+    code = load_file(root / "round-001" / "start-code.safetensors")
+    router = "model.layers.0.mlp_adapter.router.weight"
+    assert torch.equal(code[router], start[router])  # the refused client keeps the router it started the round with
+    e00 = expert_names(code, 0, 0)
+    assert all(torch.equal(code[n], torch.full_like(code[n], 3.0)) for n in e00)  # docs' experts only
+
+    root, start = prepared_round(tmp_path / "local", local_only=True)
+    run_aggregate(root, 0)
+    for client, value in (("code", 1.0), ("docs", 3.0)):  # each client goes on with its own tensors, all of them
+        own = load_file(root / "round-001" / f"start-{client}.safetensors")
+        assert all(torch.equal(t, torch.full_like(t, value)) for t in own.values())

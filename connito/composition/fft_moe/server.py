@@ -214,7 +214,8 @@ def aggregate_round(
     skip_refused: bool = False,
 ) -> dict:
     """Accept every client's update (in the order given), then aggregate. Returns ``{"global", "routers",
-    "contributors", "accepted", "refused": {client: reason}, "bytes": {client: uploaded bytes}}``.
+    "contributors", "accepted", "refused": {client: reason}, "bytes": {client: uploaded bytes}, "updates": {client:
+    its accepted tensors}}``.
     A refusal stops the round with :class:`UpdateRefused` unless ``skip_refused``."""
     fingerprint = checkpoint_fingerprint(base_path)
     accepted, refused, sizes = [], {}, {}
@@ -240,4 +241,5 @@ def aggregate_round(
         "accepted": [u.client for u in accepted],
         "refused": refused,
         "bytes": sizes,
+        "updates": {u.client: u.tensors for u in accepted},
     }
