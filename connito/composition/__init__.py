@@ -11,4 +11,6 @@ parts and call these functions are :mod:`connito.orchestration`'s.
   trained apart, merged back from their delta packages with an overlap policy and a held-out validation gate.
 - :mod:`connito.composition.dense_to_moe`: what BTX and FlexOLMo share: dense seed -> MoE family, checks, writing.
 - :mod:`connito.composition.hidden_means`: mean FFN input per layer (router rows from a domain's text).
+- :mod:`connito.composition.fft_moe`: FFT-MoE (Hu et al. 2025): sparse MoE adapters on a frozen base trained by
+  federated clients of different budgets, each expert averaged over the clients that trained it.
 """

@@ -121,6 +121,8 @@ def test_refusals_name_the_problem_and_the_fix():
         AdapterSpec(num_experts=4).check_budget(5)
     with pytest.raises(AdapterError, match="width=0 must be >= 1"):
         AdapterSpec(width=0)
+    with pytest.raises(AdapterError, match=r"layers=\[\] puts no adapter anywhere"):
+        AdapterSpec(layers=())
     model = tiny("llama")
     with pytest.raises(AdapterError, match=r"adapter layers \[5\] are not decoder layers of this model \(it has 2\)"):
         install_adapters(model, AdapterSpec(layers=(5,)), 1)

@@ -62,6 +62,8 @@ class AdapterSpec:
             raise AdapterError(f"adapter num_experts={self.num_experts} must be >= 1")
         if self.width < 1:
             raise AdapterError(f"adapter width={self.width} must be >= 1 (the bottleneck r of down H->r, up r->H)")
+        if self.layers is not None and not self.layers:
+            raise AdapterError("adapter layers=[] puts no adapter anywhere; name decoder layers, or null for every one")
         if self.activation not in ACTIVATIONS:
             raise AdapterError(f"adapter activation='{self.activation}' is not one of {sorted(ACTIVATIONS)}")
 
