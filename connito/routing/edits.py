@@ -158,6 +158,10 @@ def register_routing_rule(model_type: str, rule: Callable[[nn.Module], RoutingRu
 for _model_type in ("qwen3_moe", "qwen2_moe", "olmoe", "flex_olmo"):
     register_routing_rule(_model_type, _softmax_rule(lambda router: bool(router.norm_topk_prob)))
 register_routing_rule("mixtral", _softmax_rule(lambda router: True))
+# BAM models (connito.models.custom) keep their base family's FFN router, so they route by its rule
+for _model_type in ("connito_bam_qwen3_moe", "connito_bam_qwen2_moe"):
+    register_routing_rule(_model_type, _softmax_rule(lambda router: bool(router.norm_topk_prob)))
+register_routing_rule("connito_bam_mixtral", _softmax_rule(lambda router: True))
 register_routing_rule("deepseek_v2", _deepseek_v2_rule)
 register_routing_rule("deepseek_v3", _deepseek_v3_rule)
 

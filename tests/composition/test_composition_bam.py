@@ -175,3 +175,13 @@ def test_expert_parallelism_is_refused_with_the_reason():
 
     with pytest.raises(ExpertParallelError, match=r"connito_bam_qwen3_moe.*AutoEP's presets .* no expert parallelism"):
         validate_expert_parallel(2, 2, "connito_bam_qwen3_moe", 4, zero_stage=0, check_installed=False)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_router_edits_route_a_bam_model_by_its_base_familys_rule(upcycled, model_type):
+    """The driver scan of `connito analyze` perturbs routing through these rules."""
+    from connito.routing.edits import routing_rule
+
+    seed, branches, out = upcycled(model_type)
+    view = ExpertView(load(out))
+    assert routing_rule(view, 0) is not None and routing_rule(view, 1) is not None
