@@ -334,10 +334,9 @@ def run_report(root: Path) -> dict:
         log.info("%s: %s", name, ", ".join(f"{k} {v:.3f}" for k, v in rows[name].items()))
     if method == "bts":  # each branch opted out of the final model, no retraining: what the others keep
         final = root / "finetune" / "hf" if settings.get("finetune", {}).get("enabled") else root / "merged"
+        model = load_checkpoint(final)
         for domain in settings["domains"]:
-            kept = [d for d in settings["domains"] if d != domain]
-            model = load_checkpoint(final)
-            model.config.active_branches = kept
+            model.config.active_branches = [d for d in settings["domains"] if d != domain]
             name = f"{list(models)[-1]}, {domain} opted out"
             rows[name] = held_out.losses(model)
             log.info("%s: %s", name, ", ".join(f"{k} {v:.3f}" for k, v in rows[name].items()))
