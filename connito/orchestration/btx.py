@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from connito.data.config import DataConfig
+from connito.models.presets import model_preset
 from connito.orchestration.config import LauncherConfig
 from connito.orchestration.jobs import Stage
 from connito.orchestration.overrides import changed_overrides, override_value
@@ -44,7 +45,6 @@ from connito.orchestration.recipe import (
     WEIGHTS,
     job_ranks,
     mean_hidden_rows,
-    model_preset,
     planned,
     require_done,
     run_root,

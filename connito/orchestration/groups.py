@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from connito.data.config import DataConfig
+from connito.models.presets import model_preset
 from connito.orchestration.config import LauncherConfig
 from connito.orchestration.jobs import Job, Stage, current_status
 from connito.orchestration.overrides import changed_overrides, override_value
@@ -51,7 +52,6 @@ from connito.orchestration.recipe import (
     WEIGHTS,
     check_domain_names,
     job_ranks,
-    model_preset,
     planned,
     require_done,
     run_root,

@@ -30,21 +30,6 @@ def check_domain_names(what: str, names: list[str], known: list[str]) -> None:
         )
 
 
-def model_preset(name: str, option: str) -> dict:
-    """The ``configs/model/<name>.yaml`` preset as a dict; ``option`` (e.g. ``seed.model``) names the setting in the
-    error that lists the presets."""
-    from omegaconf import OmegaConf
-
-    from connito.cli.paths import config_dir
-
-    presets = Path(config_dir()) / "model"
-    path = presets / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in presets.glob("*.yaml")))
-        raise ValueError(f"{option}={name!r} is not a model preset; the presets: {known}")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-
-
 def run_root(run: RunConfig) -> Path:
     """The pipeline's directory: ``<run.root>/<run.name>``, absolute (jobs may run elsewhere)."""
     return (Path(run.root) / run.name).resolve()
