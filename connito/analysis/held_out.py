@@ -47,7 +47,7 @@ def held_out_batches(
     """About ``eval_tokens`` tokens of ``split``, rows spread evenly over it, tokenized with the checkpoint's own
     tokenizer (``tokenizer_dir``); ``domains`` replaces the recipe's domain list when given."""
     from connito.data import prepare_data
-    from connito.training.batches import PackedSplit
+    from connito.data.packed import PackedSplit
 
     data = copy.deepcopy(data)
     if domains and data.source == "recipe":

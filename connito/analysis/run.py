@@ -124,8 +124,8 @@ def run_analysis(cfg: AnalyzeConfig, *, use_model_tokenizer: bool = True, all_ra
     from transformers import AutoModelForCausalLM
 
     from connito.data import prepare_data
+    from connito.data.packed import PackedSplit
     from connito.models.loading import has_tokenizer, validate_checkpoint_dir
-    from connito.training.batches import PackedSplit
     from connito.training.collective import barrier
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if all_ranks else (0, 1)

@@ -3,31 +3,10 @@
 A resumed run therefore reads exactly the rows the uninterrupted run would have read, with no loader state
 to checkpoint. Rows are drawn without replacement from a fresh seeded permutation each epoch.
 
-Shapes: B = micro-batch size, T = sequence length, N = rows in the split.
+The rows themselves are a :class:`connito.data.packed.PackedSplit`.
 """
 
-from dataclasses import dataclass
-
 import numpy as np
-import torch
-
-
-@dataclass(frozen=True)
-class PackedSplit:
-    """One split of packed rows held in memory: ``input_ids_NT`` (int64) and ``domain_ids_NT`` (int64)."""
-
-    input_ids_NT: torch.Tensor
-    domain_ids_NT: torch.Tensor
-
-    @classmethod
-    def from_dataset(cls, dataset) -> "PackedSplit":
-        columns = dataset.with_format("numpy")
-        input_ids = np.asarray(columns["input_ids"], dtype=np.int64)
-        domain_ids = np.asarray(columns["domain_ids"], dtype=np.int64)
-        return cls(torch.from_numpy(input_ids), torch.from_numpy(domain_ids))
-
-    def __len__(self) -> int:
-        return self.input_ids_NT.shape[0]
 
 
 class StepSampler:

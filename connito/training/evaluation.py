@@ -3,7 +3,7 @@
 import torch
 import torch.distributed as dist
 
-from connito.training.batches import PackedSplit
+from connito.data.packed import PackedSplit
 from connito.training.losses import domain_sums, token_cross_entropy
 
 

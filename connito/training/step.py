@@ -13,8 +13,9 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 
+from connito.data.packed import PackedSplit
 from connito.experts.lean import sync as sync_lean_experts
-from connito.training.batches import PackedSplit, StepSampler
+from connito.training.batches import StepSampler
 from connito.training.callbacks import LossTerm, MicroBatch, check_loss_value
 from connito.training.losses import token_cross_entropy
 

@@ -21,12 +21,13 @@ import torch
 import torch.distributed as dist
 
 from connito.data import PreparedData, prepare_data
+from connito.data.packed import PackedSplit
 from connito.models.loading import build_model, has_tokenizer, resolve_family, tokenizer_token_ids
 from connito.parallel.expert_parallel import num_routed_experts, validate_expert_parallel
 from connito.parallel.grad_clip import clip_grad_norm_expert_parallel_
 from connito.routing import RouterObserver
 from connito.training import checkpointing, relayout, relayout_zero0
-from connito.training.batches import PackedSplit, StepSampler
+from connito.training.batches import StepSampler
 from connito.training.callbacks import Callback, LossTerm, MicroBatch, build_callbacks, import_plugins
 from connito.training.callbacks.balancing import RoutingBalance
 from connito.training.callbacks.builtin import Checkpointer, Evaluator, Exporter, LoadBalancing, MetricsLogger

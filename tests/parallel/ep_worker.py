@@ -18,9 +18,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from connito.data import prepare_data  # noqa: E402
+from connito.data.packed import PackedSplit  # noqa: E402
 from connito.experts import ExpertView  # noqa: E402
 from connito.parallel import autoep_layers, gather_hf_state_dict, local_parameter_count  # noqa: E402
-from connito.training.batches import PackedSplit, StepSampler  # noqa: E402
+from connito.training.batches import StepSampler  # noqa: E402
 from connito.training.step import forward_loss, micro_batch  # noqa: E402
 from connito.training.trainer import run_training  # noqa: E402
 from tests.helpers import compose_train  # noqa: E402

@@ -28,9 +28,10 @@ from torch import nn
 from torch.func import functional_call
 
 from connito.data import prepare_data
+from connito.data.packed import PackedSplit
 from connito.experts import ExpertView
 from connito.models.loading import build_model, tokenizer_token_ids
-from connito.training.batches import PackedSplit, StepSampler
+from connito.training.batches import StepSampler
 from connito.training.losses import token_cross_entropy
 from connito.training.schedule import warmup_cosine
 

@@ -37,7 +37,7 @@ def test_zero3_on_two_ranks_exports_the_model_it_trained(data_cache, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from connito.data import prepare_data
-    from connito.training.batches import PackedSplit
+    from connito.data.packed import PackedSplit
     from connito.training.evaluation import evaluate_by_domain
     from tests.helpers import compose_train
 

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from connito.data import prepare_data
+from connito.data.packed import PackedSplit
 from connito.models import ModelError
-from connito.training.batches import PackedSplit
 from connito.training.callbacks import Callback, CallbackError
 from connito.training.evaluation import evaluate_by_domain
 from connito.training.trainer import run_training
