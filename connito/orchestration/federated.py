@@ -60,7 +60,9 @@ UPDATE = "update"
 
 
 @dataclass
-class BaseConfig:
+class BaseModelConfig:
+    """The frozen base model the clients' adapters sit on (``base.*``): an existing checkpoint or a preset to train."""
+
     path: str = ""
     """An existing checkpoint directory (dense or MoE, with its tokenizer): the frozen base; no base stage."""
     model: str = "llama_tiny"
@@ -89,7 +91,7 @@ class FederatedConfig:
 
     run: RunConfig = field(default_factory=lambda: RunConfig(name="federated"))
     data: DataConfig = field(default_factory=DataConfig)
-    base: BaseConfig = field(default_factory=BaseConfig)
+    base: BaseModelConfig = field(default_factory=BaseModelConfig)
     clients: list[str] = field(default_factory=lambda: ["code", "docs"])
     """One client per name, each a domain of ``data`` (its private data)."""
     budgets: list[int] = field(default_factory=lambda: [1, 2])

@@ -72,7 +72,9 @@ DELTA_MANIFEST = "manifest.json"
 
 
 @dataclass
-class BaseConfig:
+class BaseModelConfig:
+    """The base model the groups are split from (``base.*``): an existing MoE checkpoint or a preset to train."""
+
     path: str = ""
     """An MoE checkpoint directory to split into groups; the base stage is skipped. Empty: the base stage trains
     ``model`` for ``steps`` steps on every domain of ``data`` first."""
@@ -127,7 +129,7 @@ class GroupsConfig:
     data: DataConfig = field(default_factory=DataConfig)
     """The text every job trains on and is measured on (the recipe's domains): the base gets all of
     ``data.domains``, the analysis the groups' domains, each group job ``domains=[<its domain>]``."""
-    base: BaseConfig = field(default_factory=BaseConfig)
+    base: BaseModelConfig = field(default_factory=BaseModelConfig)
     domains: list[str] = field(default_factory=list)
     """One group per domain, each a domain of ``data.domains``. Empty: ``data.domains``."""
     partition: PartitionConfig = field(default_factory=PartitionConfig)
