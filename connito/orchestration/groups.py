@@ -109,8 +109,9 @@ class GroupConfig:
 
 
 @dataclass
-class MergeConfig:
-    """The merge (:func:`~connito.composition.expert_groups.merge_groups`)."""
+class GroupMergeConfig:
+    """``merge.*``: how the group jobs' changes are merged into one model
+    (:func:`~connito.composition.expert_groups.merge_groups`); not ``connito merge``, which merges similar experts."""
 
     overlap: str = "refuse"
     """Two jobs changed one tensor (a router trained by both through ``train_overrides``, say): ``refuse``,
@@ -134,7 +135,7 @@ class GroupsConfig:
     """One group per domain, each a domain of ``data.domains``. Empty: ``data.domains``."""
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     group: GroupConfig = field(default_factory=GroupConfig)
-    merge: MergeConfig = field(default_factory=MergeConfig)
+    merge: GroupMergeConfig = field(default_factory=GroupMergeConfig)
     train_overrides: list[str] = field(default_factory=list)
     """More trainer overrides for every training job (base, groups); quote each item on the command line:
     ``'train_overrides=["train.micro_batch_size=4","engine=zero1"]'``."""
@@ -329,7 +330,7 @@ def groups_text(groups: dict) -> str:
 def _validator(settings: dict, base: Path):
     from connito.composition.expert_groups import held_out_validator
 
-    merge = MergeConfig(**settings["merge"])
+    merge = GroupMergeConfig(**settings["merge"])
     if not merge.validate:
         return None
     domains = settings["domains"]
