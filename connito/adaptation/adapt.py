@@ -99,8 +99,6 @@ def run_adapt(cfg: AdaptConfig, run_dir: Path) -> AdaptResult:
             "modules": list(cfg.esft.modules),
         }
     elif cfg.method == "des_moe":
-        import connito.adaptation.des_moe  # noqa: F401  (registers callbacks.des_moe)
-
         cfg.callbacks.setdefault("des_moe", {})
     result = run_training(cfg, run_dir)
     outcome = None

@@ -69,7 +69,7 @@ from connito.retirement.progressive_mask import AdditiveExpertMask, MaskError, c
 from connito.retirement.progressive_schedule import OPTION, PruneSchedule
 from connito.routing import RoutingRecord
 from connito.routing.edits import routing_rule
-from connito.training.callbacks import Callback, CallbackError, MicroBatch, register_callback
+from connito.training.callbacks import Callback, CallbackError, MicroBatch
 
 if TYPE_CHECKING:
     from connito.training.trainer import Trainer
@@ -135,7 +135,6 @@ def write_pruned(export_dir: str | Path, kept: Mapping[int, list[int]], out_dir:
 # -- the callback ------------------------------------------------------------------------------------------------
 
 
-@register_callback("progressive_prune")
 class ProgressivePrune(Callback):
     """Options: ``target`` (experts kept per MoE layer at the end, >= 1), ``window`` (optimizer steps per window),
     ``beta`` (threshold factor, 0.1), ``ema`` (EMA decay per step, 0.9), ``schedule_end`` (share of

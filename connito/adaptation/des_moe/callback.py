@@ -43,7 +43,7 @@ from connito.adaptation.des_moe.router import AdaptiveRouters
 from connito.adaptation.des_moe.token_masks import TokenGradientMasks
 from connito.experts import ExpertView
 from connito.routing import RoutingRecord
-from connito.training.callbacks import Callback, CallbackError, MicroBatch, register_callback
+from connito.training.callbacks import Callback, CallbackError, MicroBatch
 from connito.training.callbacks.trainable import Trainable
 from connito.training.grad_masks import GradientMask, TrainableSet, freeze_untrainable
 
@@ -55,7 +55,6 @@ log = logging.getLogger("connito.adaptation")
 MAP_FILE = "des_moe_map.json"
 
 
-@register_callback("des_moe")
 class DesMoe(Callback):
     """Options: the fields of :class:`connito.adaptation.des_moe.config.DesMoeConfig`."""
 

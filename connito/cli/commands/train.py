@@ -24,9 +24,6 @@ class TrainCommandConfig(ConnitoConfig):
 
 
 def run(cfg: TrainCommandConfig, run_dir: Path) -> float | None:
-    import connito.adaptation.des_moe  # noqa: F401  (registers callbacks.des_moe)
-    import connito.composition.fft_moe  # noqa: F401  (registers callbacks.fft_moe)
-    import connito.retirement.progressive  # noqa: F401  (registers callbacks.progressive_prune)
     from connito.training.trainer import run_training  # here, not at the top: `connito --help` stays fast
 
     result = run_training(cfg, run_dir)

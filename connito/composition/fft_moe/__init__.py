@@ -6,7 +6,6 @@
 - :mod:`.server`: a client's update as a verified delta package, what the server accepts, per-expert aggregation.
 """
 
-from connito.composition.fft_moe import callback  # noqa: F401  (registers callbacks.fft_moe)
 from connito.composition.fft_moe.adapters import (
     AdapterError,
     AdapterSpec,

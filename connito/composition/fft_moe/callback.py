@@ -38,7 +38,7 @@ from connito.composition.fft_moe.adapters import (
     load_adapter_state,
 )
 from connito.composition.fft_moe.balance import AdapterRouting, budget_balance_loss
-from connito.training.callbacks import Callback, CallbackError, LossTerm, MicroBatch, register_callback
+from connito.training.callbacks import Callback, CallbackError, LossTerm, MicroBatch
 
 if TYPE_CHECKING:
     from connito.training.trainer import Trainer
@@ -65,7 +65,6 @@ class AdapterBalanceTerm(LossTerm):
         return torch.stack(losses).mean()
 
 
-@register_callback("fft_moe")
 class FftMoe(Callback):
     """Options: ``top_k`` (the client's budget), ``num_experts``, ``width``, ``activation``, ``layers``,
     ``aux_loss_coef``, ``init``; ``client`` and ``update`` (a folder): write the client's update for the server

@@ -1,14 +1,10 @@
-"""Callbacks and loss terms: how methods plug into the one trainer (see :mod:`.base`)."""
+"""Callbacks and loss terms: how methods plug into the one trainer (see :mod:`.base`); callbacks by name, Connito's
+own from one lazily imported table (see :mod:`.registry`)."""
 
-# registers the built-in callbacks "trainable", "expert_choice" and "expert_threshold"
-from connito.training.callbacks import routing_modes, trainable  # noqa: F401
-from connito.training.callbacks.base import (
-    Callback,
-    CallbackError,
-    LossTerm,
-    MicroBatch,
+from connito.training.callbacks.base import Callback, CallbackError, LossTerm, MicroBatch, check_loss_value
+from connito.training.callbacks.registry import (
+    BUILTIN_CALLBACKS,
     build_callbacks,
-    check_loss_value,
     import_plugins,
     register_callback,
     registered_callbacks,
@@ -16,6 +12,7 @@ from connito.training.callbacks.base import (
 )
 
 __all__ = [
+    "BUILTIN_CALLBACKS",
     "Callback",
     "CallbackError",
     "LossTerm",

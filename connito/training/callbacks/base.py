@@ -14,6 +14,7 @@ chosen by config, never as a loop of its own::
 and ``connito train plugins='[my_pkg.methods]' +callbacks.my_method.coef=0.2`` (Hydra's ``+`` adds a key; a callback
 without options is ``+callbacks.my_method={}``): the run imports the modules
 listed under ``plugins`` (where the ``@register_callback`` lines run), so users extend the trainer without forking.
+Connito's own callbacks are found by name without any import first (:mod:`.registry`, one table).
 
 Events, in the order a run sees them (``trainer`` is :class:`connito.training.trainer.Trainer`):
 
@@ -46,7 +47,6 @@ Callback state must be the same on every rank (reduce it first): rank 0's is sav
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -132,62 +132,6 @@ class Callback:
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-_REGISTRY: dict[str, type[Callback]] = {}
-
-
-def register_callback(name: str, *, replace: bool = False):
-    """Class decorator: make ``callbacks={<name>: {...}}`` build this callback."""
-
-    def decorate(cls: type[Callback]) -> type[Callback]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls and not replace:
-            raise CallbackError(f"a callback named '{name}' is already registered; pass replace=True to override it")
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
-
-
-def registered_callbacks() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def resolve_callback(name: str) -> type[Callback]:
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    known = ", ".join(registered_callbacks()) or "none"
-    raise CallbackError(
-        f"callback '{name}' is not registered (registered: {known}). Register it with "
-        "@connito.training.callbacks.register_callback in a module the run imports: plugins='[my_pkg.callbacks]'"
-    )
-
-
-def import_plugins(modules: list[str]) -> None:
-    """Import the modules a config names under ``plugins`` (they register callbacks, families, ...)."""
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except ImportError as err:
-            raise CallbackError(
-                f"plugins: cannot import '{module}' ({err}). Name an importable module (on PYTHONPATH or installed)"
-            ) from err
-
-
-def build_callbacks(specs: Mapping[str, Mapping[str, Any] | None]) -> list[Callback]:
-    """The callbacks a config asks for, in its order: ``{name: keyword arguments}``."""
-    callbacks = []
-    for name, kwargs in specs.items():
-        cls = resolve_callback(name)
-        try:
-            callback = cls(**dict(kwargs or {}))
-        except TypeError as err:
-            raise CallbackError(
-                f"callback '{name}' ({cls.__name__}) rejected its options {dict(kwargs or {})}: {err}"
-            ) from err
-        callback.name = name
-        callbacks.append(callback)
-    return callbacks
 
 
 def check_loss_value(term: LossTerm, value: Any) -> torch.Tensor:

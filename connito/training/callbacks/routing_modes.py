@@ -44,7 +44,7 @@ import torch
 
 from connito.routing.routing_export import write_routing_state
 from connito.routing.routing_modes import RoutingModes, RoutingOptions
-from connito.training.callbacks.base import Callback, CallbackError, LossTerm, MicroBatch, register_callback
+from connito.training.callbacks.base import Callback, CallbackError, LossTerm, MicroBatch
 
 if TYPE_CHECKING:
     from connito.training.trainer import Trainer
@@ -131,7 +131,6 @@ class RoutingModeCallback(Callback):
             )
 
 
-@register_callback("expert_choice")
 class ExpertChoice(RoutingModeCallback):
     """Expert Choice in training, a trained predictor's causal route at inference
     (:mod:`connito.routing.expert_choice`)."""
@@ -148,7 +147,6 @@ class ExpertChoice(RoutingModeCallback):
         trainer.add_loss_term(PredictorTerm(self.routing, self.predictor_coef))
 
 
-@register_callback("expert_threshold")
 class ExpertThreshold(RoutingModeCallback):
     """Expert-threshold routing, causal in training and inference (:mod:`connito.routing.expert_threshold`)."""
 

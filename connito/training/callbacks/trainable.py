@@ -43,7 +43,7 @@ import torch
 from connito.experts import ExpertAddressError, ExpertMask, ExpertView
 from connito.experts.mask_file import MASK_SCHEMA, read_mask_file
 from connito.models.fingerprint import checkpoint_fingerprint
-from connito.training.callbacks.base import Callback, CallbackError, register_callback
+from connito.training.callbacks.base import Callback, CallbackError
 from connito.training.grad_masks import (
     GradientMask,
     TrainableSet,
@@ -58,7 +58,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("connito.training")
 
 
-@register_callback("trainable")
 class Trainable(Callback):
     """Options: ``mask_file`` or ``experts`` (one of them), ``shared_experts``, ``routers`` or ``router_rows``,
     ``modules``, ``lean``."""
