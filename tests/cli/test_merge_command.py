@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from connito.cli.commands.merge import MergeConfig, run
+from connito.cli.commands.merge import ExpertMergeConfig, run
 from connito.experts import ExpertView
 from connito.models.families import ModelError
 from tests.experts.conftest import build_tiny
@@ -45,7 +45,7 @@ def test_merging_by_coactivation_writes_a_smaller_checkpoint_and_a_report(checkp
     path, model, view = checkpoint
     before = digest(path)
     out = tmp_path / "merged"
-    run(MergeConfig(checkpoint=str(path), keep=view.num_experts - 2, out=str(out), eval_tokens=0), tmp_path)
+    run(ExpertMergeConfig(checkpoint=str(path), keep=view.num_experts - 2, out=str(out), eval_tokens=0), tmp_path)
     assert "written:" in capsys.readouterr().out
     record = json.loads((out / "merge_report.json").read_text())
     # the co-activated pairs merge, each into its most-used member (1, then 2 by the tie's lower index)
@@ -64,28 +64,28 @@ def test_explicit_groups_and_weight_similarity_need_no_analysis(checkpoint, tmp_
     path, _, view = checkpoint
     (path / "analysis" / "analysis.json").unlink()
     groups = [[layer, 4, 5] for layer in view.moe_layers]
-    run(MergeConfig(checkpoint=str(path), groups=groups, frequency="uniform", out=str(tmp_path / "a"), eval_tokens=0),
-        tmp_path)  # fmt: skip
+    run(ExpertMergeConfig(checkpoint=str(path), groups=groups, frequency="uniform", out=str(tmp_path / "a"),
+                          eval_tokens=0), tmp_path)  # fmt: skip
     assert json.loads((tmp_path / "a" / "merge_report.json").read_text())["groups"] == groups
-    run(MergeConfig(checkpoint=str(path), keep=4, similarity="weight", frequency="uniform", out=str(tmp_path / "b"),
-                    eval_tokens=0), tmp_path)  # fmt: skip
+    run(ExpertMergeConfig(checkpoint=str(path), keep=4, similarity="weight", frequency="uniform",
+                          out=str(tmp_path / "b"), eval_tokens=0), tmp_path)  # fmt: skip
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "b", local_files_only=True).config.num_experts == 4
 
 
 def test_bad_input_is_refused_before_anything_is_written(checkpoint, tmp_path):
     path, _, view = checkpoint
     with pytest.raises(ModelError, match="missing: out"):
-        run(MergeConfig(checkpoint=str(path), keep=4), tmp_path)
+        run(ExpertMergeConfig(checkpoint=str(path), keep=4), tmp_path)
     with pytest.raises(ModelError, match="not both"):
-        run(MergeConfig(checkpoint=str(path), keep=4, groups=[[0, 1, 2]], out=str(tmp_path / "x")), tmp_path)
+        run(ExpertMergeConfig(checkpoint=str(path), keep=4, groups=[[0, 1, 2]], out=str(tmp_path / "x")), tmp_path)
     with pytest.raises(ModelError, match="merge down to between top-k"):
-        run(MergeConfig(checkpoint=str(path), keep=1, out=str(tmp_path / "x"), eval_tokens=0), tmp_path)
+        run(ExpertMergeConfig(checkpoint=str(path), keep=1, out=str(tmp_path / "x"), eval_tokens=0), tmp_path)
     with pytest.raises(ModelError, match="merging an expert with itself"):
         groups = [[layer, 3, 3] for layer in view.moe_layers]
-        run(MergeConfig(checkpoint=str(path), groups=groups, out=str(tmp_path / "x"), eval_tokens=0), tmp_path)
+        run(ExpertMergeConfig(checkpoint=str(path), groups=groups, out=str(tmp_path / "x"), eval_tokens=0), tmp_path)
     other = tmp_path / "other"
     build_tiny("qwen3_moe", seed=1).save_pretrained(other)
     with pytest.raises(ModelError, match="analyses another checkpoint"):
-        run(MergeConfig(checkpoint=str(other), analysis_path=str(path / "analysis"), keep=4, out=str(tmp_path / "x"),
-                        eval_tokens=0), tmp_path)  # fmt: skip
+        run(ExpertMergeConfig(checkpoint=str(other), analysis_path=str(path / "analysis"), keep=4,
+                              out=str(tmp_path / "x"), eval_tokens=0), tmp_path)  # fmt: skip
     assert not (tmp_path / "x").exists()

@@ -12,9 +12,11 @@ from connito.data.config import DataConfig
 
 
 @dataclass
-class MergeConfig:
-    """Root config of ``connito merge``. Kept here, not beside ``merge_checkpoint``: importing
-    ``connito.retirement`` loads torch, and ``connito --help`` reads every command's config."""
+class ExpertMergeConfig:
+    """Root config of ``connito merge`` (similar experts of one checkpoint merged into one; the ``merge.*`` of
+    ``connito groups`` is :class:`~connito.orchestration.groups.GroupMergeConfig`). Kept here, not beside
+    ``merge_checkpoint``: importing ``connito.retirement`` loads torch, and ``connito --help`` reads every command's
+    config."""
 
     checkpoint: str = ""
     """The ``save_pretrained`` MoE checkpoint to merge experts of (required; never modified)."""
@@ -45,7 +47,7 @@ class MergeConfig:
     """Held-out tokens per domain for the before/after table; 0: do not measure."""
 
 
-def run(cfg: MergeConfig, run_dir: Path) -> None:
+def run(cfg: ExpertMergeConfig, run_dir: Path) -> None:
 
     from connito.cli.before_after import write_before_after_report
     from connito.cli.commands.prune import default_analysis
@@ -82,6 +84,6 @@ COMMAND = Command(
     summary="merge similar experts (co-activation or weights) into one per group, usage-weighted, with before/after "
     "loss",
     config_name="merge",
-    schema=MergeConfig,
+    schema=ExpertMergeConfig,
     run=run,
 )
