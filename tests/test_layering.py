@@ -5,24 +5,27 @@ Every module under ``connito/`` and ``kernels/`` (installed as ``connito.kernels
 function, under ``TYPE_CHECKING``), and so does ``importlib.import_module("<a literal name>")``. Callbacks named by
 string in the trainer's table (``"module:Class"``) are not imports and are not read here.
 
-The layer table, as DESIGN.md lists it (the same table is in ``connito/__init__.py``):
+The layer table, as DESIGN.md lists it (the same table is in ``connito/__init__.py``). DESIGN.md's layer 5 holds
+the methods and ``orchestration`` running them; inside it ``analysis`` sits below the other methods (5a < 5b) and
+``orchestration`` above them (5c). Layer 0 is what DESIGN.md puts below everything: the package root, ``kernels``
+(top level, "used from layers 2-5"; ``experts/lean`` uses it too, which the rule allows) and ``common``.
 
-==  ==========================================  =====================================================
- 0  ``connito`` (the package root: its version)  imports nothing of Connito
- 0  ``kernels``                                  Triton kernels + torch fallback; imports nothing of Connito
- 0  ``common``                                   plain-Python helpers (atomic writes, records); the same
- 1  ``models``, ``experts``, ``data``            may import each other
- 2  ``routing``
- 3  ``parallel``
- 4  ``training``
- 5  ``analysis``                                 the method below the other methods (they read its scores)
- 6  ``adaptation``, ``composition``,             methods: never import each other; what they share goes
-    ``retirement``                               down a layer
- 7  ``orchestration``                            runs the methods as pipelines; never imports ``cli``
- 8  ``cli``, ``__main__``                        the faces: import anything
-==  ==========================================  =====================================================
+===  ==========================================  =====================================================
+ 0   ``connito`` (the package root: its version)  imports nothing of Connito
+ 0   ``kernels``                                  Triton kernels + torch fallback; imports nothing of Connito
+ 0   ``common``                                   plain-Python helpers (atomic writes, records); the same
+ 1   ``models``, ``experts``, ``data``            may import each other
+ 2   ``routing``
+ 3   ``parallel``
+ 4   ``training``
+ 5a  ``analysis``                                 the method below the other methods (they read its scores)
+ 5b  ``adaptation``, ``composition``,             methods: never import each other; what they share goes
+     ``retirement``                               down a layer
+ 5c  ``orchestration``                            runs the methods as pipelines of jobs; never imports ``cli``
+ 6   ``cli``, ``__main__``                        the faces: import anything
+===  ==========================================  =====================================================
 
-A module may import its own package, any package of a lower layer, and (layers 1 and 8 only) the other packages of
+A module may import its own package, any package of a lower layer, and (layers 1 and 6 only) the other packages of
 its layer.
 """
 
@@ -36,27 +39,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-LAYERS: dict[str, int] = {
-    "": 0,
-    "kernels": 0,
-    "common": 0,
-    "models": 1,
-    "experts": 1,
-    "data": 1,
-    "routing": 2,
-    "parallel": 3,
-    "training": 4,
-    "analysis": 5,
-    "adaptation": 6,
-    "composition": 6,
-    "retirement": 6,
-    "orchestration": 7,
-    "cli": 8,
-    "__main__": 8,
+LAYERS: dict[str, str] = {
+    "": "0",
+    "kernels": "0",
+    "common": "0",
+    "models": "1",
+    "experts": "1",
+    "data": "1",
+    "routing": "2",
+    "parallel": "3",
+    "training": "4",
+    "analysis": "5a",
+    "adaptation": "5b",
+    "composition": "5b",
+    "retirement": "5b",
+    "orchestration": "5c",
+    "cli": "6",
+    "__main__": "6",
 }
-"""Top-level package of ``connito`` (``""``: the package root) -> its layer."""
+"""Top-level package of ``connito`` (``""``: the package root) -> its layer; layers order as strings."""
 
-PEERS_MAY_IMPORT_EACH_OTHER = {1, 8}
+PEERS_MAY_IMPORT_EACH_OTHER = {"1", "6"}
 """Layers whose packages may import one another; at every other layer two packages are independent."""
 
 ALLOWED: dict[tuple[str, str], str] = {}
