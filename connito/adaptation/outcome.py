@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from connito.common.atomic import atomic_write_json
+
 log = logging.getLogger("connito.adaptation")
 
 OUTCOME_FILE = "adapt.json"
@@ -210,9 +212,7 @@ def measure_outcome(cfg, base: Path, result, trainable: int) -> dict:
         "steps": result.steps_done,
         "delta": None if delta_dir is None else {"path": str(delta_dir), "bytes": delta_bytes},
     }
-    tmp = run_dir / f".{OUTCOME_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(run_dir / OUTCOME_FILE)
+    atomic_write_json(run_dir / OUTCOME_FILE, record)
     print(outcome_table([record]))
     return record
 

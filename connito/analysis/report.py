@@ -29,11 +29,12 @@ layer ``moe_layers[i]``; dense layers have no entry); experts are in the checkpo
 
 from __future__ import annotations
 
-import json
 import math
 from typing import TYPE_CHECKING
 
 import torch
+
+from connito.common.atomic import atomic_write_json
 
 if TYPE_CHECKING:
     from connito.analysis.run import AnalysisResult
@@ -132,9 +133,7 @@ def write_outputs(result: AnalysisResult, stats, view, cfg) -> None:
     out = result.out_dir
     out.mkdir(parents=True, exist_ok=True)
     record = analysis_record(result, view, cfg)
-    tmp = out / ".analysis.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(out / "analysis.json")
+    atomic_write_json(out / "analysis.json", record)
     pictures = draw_pictures(result, out)
     (out / "report.md").write_text(report_markdown(record, pictures))
 

@@ -14,7 +14,6 @@ Shape legend: D domains (the measured ones), R reweightings (one per boosted dom
 from __future__ import annotations
 
 import copy
-import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from connito.analysis.token_loss import (
     next_token_logp,
     nll,
 )
+from connito.common.atomic import atomic_replace_dir
 from connito.experts import ExpertId, ExpertView
 from connito.experts.delta.staging import copy_tokenizer_files
 
@@ -138,10 +138,7 @@ def export_reweighted(model: nn.Module, model_path: Path, reweighting: Reweighti
     Written to a temporary directory first, so a failure leaves no half checkpoint."""
     folded = fold_into_weights(copy.deepcopy(model), reweighting)
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    folded.save_pretrained(tmp)
-    copy_tokenizer_files(Path(model_path), tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.replace(out_dir)
+    with atomic_replace_dir(out_dir) as stage:
+        folded.save_pretrained(stage)
+        copy_tokenizer_files(Path(model_path), stage)
     return out_dir

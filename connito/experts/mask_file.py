@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from connito.common.atomic import atomic_write_text
 from connito.experts.addressing import ExpertAddressError, ExpertMask
 from connito.experts.view import ExpertView, ParameterCount
 from connito.models.families import ModelError, get_family
@@ -106,10 +107,7 @@ def write_mask_file(
     """Write :func:`mask_record` to ``path`` (atomically: a reader never sees half a file)."""
     path = Path(path).expanduser()
     record = mask_record(mask, model, selection, parameters)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(_dumps(record) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, _dumps(record) + "\n")
     return path
 
 

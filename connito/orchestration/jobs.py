@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from connito.common.atomic import atomic_write_json
+
 JOB_SCHEMA = "connito.job/1"
 FINISHED = ("done", "failed", "lost")
 
@@ -128,11 +130,7 @@ def read_state(root: Path, job: str) -> JobState:
 
 def write_state(root: Path, state: JobState) -> None:
     """Atomic (write then rename): a reader never sees half a state file."""
-    path = state_path(root, state.job)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(state.to_dict(), indent=1))
-    tmp.replace(path)
+    atomic_write_json(state_path(root, state.job), state.to_dict())
 
 
 def reset_state(root: Path, job: Job, *, clean: bool) -> None:

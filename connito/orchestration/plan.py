@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from connito.common.atomic import atomic_write_json
 from connito.orchestration.jobs import Job, OrchestrationError, Stage
 
 PLAN_SCHEMA = "connito.pipeline/1"
@@ -131,8 +132,5 @@ def write_plan(root: Path, plan: Plan, *, replace: bool = False) -> int | None:
                 "run.name, or rerun=all to discard its jobs' states and start over"
             )
         changed = first_changed_stage(Plan.from_dict(old), plan)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(plan.to_dict(), indent=1))
-    tmp.replace(path)
+    atomic_write_json(path, plan.to_dict())
     return changed

@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from connito.common.atomic import atomic_write_json
 from connito.experts import ExpertView
 from connito.models.loading import checkpoint_parameters
 from connito.retirement.progressive_mask import AdditiveExpertMask, MaskError, check_maskable
@@ -317,10 +318,7 @@ class ProgressivePrune(Callback):
 
     def write_json(self, trainer: Trainer) -> Path:
         path = trainer.run_dir / JSON_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.record(trainer), indent=1) + "\n")
-        tmp.replace(path)
-        return path
+        return atomic_write_json(path, self.record(trainer), end="\n")
 
     def on_exported(self, trainer: Trainer, export_dir) -> None:
         if self.write_pruned and trainer.info.is_main:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from connito.common.atomic import atomic_write_text
 from connito.training.collective import barrier
 from connito.training.optimizer_groups import optimizer_param_names, pad_param_groups, restore_groups, snapshot_groups
 from connito.training.run_state import CALLBACK_STATE_FILE, STATE_FILE, TrainState
@@ -41,13 +42,7 @@ def tag_for(step: int) -> str:
     return f"step_{step:06d}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+_write_atomic = atomic_write_text
 
 
 def is_complete(checkpoint: Path) -> bool:

@@ -3,18 +3,13 @@ around a load that copies another layout's settings in by position."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from connito.common.atomic import atomic_open
 from connito.training.collective import barrier
-
-
-def inner_optimizer(engine):
-    """The torch optimizer inside DeepSpeed's wrapper (ZeRO 1/2, bf16), or the client optimizer itself."""
-    optimizer = engine.optimizer
-    return getattr(optimizer, "optimizer", optimizer)
+from connito.training.deepspeed_internals import UNIVERSAL_OPTIMIZER_FILE, inner_optimizer
 
 
 def optimizer_param_names(engine) -> list[list[str]] | None:
@@ -43,15 +38,14 @@ def pad_param_groups(universal: Path, count: int, is_main: bool) -> None:
     (ep 1 -> ep 2 adds the expert group) would silently skip the extra ones. Their settings are padding only;
     :func:`restore_groups` puts the current run's settings back after the load.
     """
-    path = universal / "zero" / "optimizer_state.pt"
+    path = universal / UNIVERSAL_OPTIMIZER_FILE
     if is_main:
         state = torch.load(path, map_location="cpu", weights_only=False)
         groups = state["param_groups"]
         if len(groups) < count:
             groups.extend(dict(groups[-1]) for _ in range(count - len(groups)))
-            tmp = path.with_name(f".{path.name}.tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+            with atomic_open(path, "wb") as handle:
+                torch.save(state, handle)
     barrier()
 
 

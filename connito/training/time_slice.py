@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from connito.common.atomic import atomic_write_text
+
 _UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
 STATUS_FILE_ENV = "CONNITO_STATUS_FILE"
@@ -77,7 +79,4 @@ def write_status(run_dir: Path, status: dict) -> None:
     if os.environ.get(STATUS_FILE_ENV):
         targets.append(Path(os.environ[STATUS_FILE_ENV]))
     for target in targets:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.partial")
-        partial.write_text(text)
-        os.replace(partial, target)
+        atomic_write_text(target, text)

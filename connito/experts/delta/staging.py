@@ -7,12 +7,11 @@ ever written into the inputs: an output directory equal to, inside, or holding a
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
+from connito.common.atomic import atomic_replace_dir
 from connito.models.families import ModelError
 
 TOKENIZER_FILES = (
@@ -59,26 +58,5 @@ def check_out_dir(out_dir: str | Path, overwrite: bool, inputs: Mapping[str, str
     return out
 
 
-@contextlib.contextmanager
-def staged_dir(out: Path) -> Iterator[Path]:
-    """Yield an empty temporary directory beside ``out``; on a clean exit it replaces ``out`` (whose old contents
-    are deleted only once the new directory is in place), on an error it is deleted and ``out`` is untouched."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield stage
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / out.name)
-        try:
-            stage.rename(out)
-        except BaseException:
-            if old is not None:
-                (old / out.name).rename(out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if stage.exists():
-            shutil.rmtree(stage, ignore_errors=True)
+staged_dir = atomic_replace_dir
+"""The directory swap every checkpoint writer uses (:func:`connito.common.atomic_replace_dir`)."""
