@@ -30,20 +30,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from connito.common.errors import UserError
+
 _NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
-class UnwritableError(PermissionError):
+class UnwritableError(UserError, PermissionError):
     """Connito may not write where it was told to; the message names the path and the fix."""
 
 
 def _unwritable(path: Path, err: OSError) -> UnwritableError:
     reason = "a read-only file system" if err.errno == errno.EROFS else "permission denied"
-    return UnwritableError(
-        err.errno,
+    error = UnwritableError(
         f"cannot write {path} ({reason} in {path.parent}): choose an out= (or output path) in a directory you can "
-        f"write to, or make {path.parent} writable",
+        f"write to, or make {path.parent} writable"
     )
+    error.errno = err.errno
+    return error
 
 
 def _make_parent(path: Path) -> None:

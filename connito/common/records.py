@@ -15,10 +15,12 @@ import json
 import re
 from pathlib import Path
 
+from connito.common.errors import UserError
+
 SCHEMA_PATTERN = re.compile(r"connito\.([A-Za-z0-9_]+)/([0-9]+)")
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A file that is not a readable record of the expected kind and version; the message names the fix."""
 
 

@@ -86,8 +86,13 @@ def test_an_unwritable_parent_directory_is_reported_the_same_way(tmp_path, monke
 
     monkeypatch.setattr(os, "open", refuse)
     monkeypatch.setattr("tempfile.mkdtemp", lambda prefix, dir: refuse(dir, 0))
-    with pytest.raises(UnwritableError, match=r"cannot write .*x\.json \(permission denied in .*\): choose an out="):
+    with pytest.raises(UnwritableError) as caught:
         atomic_write_text(tmp_path / "x.json", "x")
+    assert str(caught.value) == (
+        f"cannot write {tmp_path / 'x.json'} (permission denied in {tmp_path}): choose an out= (or output path) in "
+        f"a directory you can write to, or make {tmp_path} writable"
+    )
+    assert isinstance(caught.value, PermissionError) and caught.value.errno == errno.EACCES
     with pytest.raises(UnwritableError, match=r"cannot write .*/model \(permission denied in .*\): choose an out="):
         with atomic_replace_dir(tmp_path / "model"):
             pass
