@@ -4,7 +4,7 @@
 * ``connito train`` (run ``runs/quickstart``): the export ``runs/quickstart/hf``, its routing analysis
   ``runs/quickstart/analysis``;
 * ``connito quickstart`` (pipeline ``runs/lifecycle``): the base ``runs/lifecycle/base/hf``, its analysis
-  ``runs/lifecycle/analysis`` (:mod:`connito.orchestration.lifecycle` lays them out so); ``connito analyze`` of that
+  ``runs/lifecycle/analysis`` (:mod:`connito.orchestration.quickstart` lays them out so); ``connito analyze`` of that
   base writes ``runs/lifecycle/base/analysis`` (next to the model).
 
 Paths are relative to the working directory, as the commands' own defaults are.

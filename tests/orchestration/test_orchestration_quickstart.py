@@ -10,20 +10,20 @@ from transformers import AutoConfig
 
 from connito.orchestration import OrchestrationError
 from connito.orchestration.jobs import Job, Stage
-from connito.orchestration.lifecycle import LifecycleConfig, most_used_experts, plan_lifecycle
 from connito.orchestration.plan import Plan, write_plan
+from connito.orchestration.quickstart import QuickstartConfig, most_used_experts, plan_quickstart
 from tests.orchestration import pipelines
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def config(tmp_path, **changes) -> LifecycleConfig:
-    return pipelines.config(LifecycleConfig, tmp_path, "lifecycle", **changes)
+def config(tmp_path, **changes) -> QuickstartConfig:
+    return pipelines.config(QuickstartConfig, tmp_path, "lifecycle", **changes)
 
 
 def test_the_plan_trains_analyzes_selects_then_adapts_and_prunes_side_by_side_then_reports(tmp_path):
     root = tmp_path / "lifecycle"
-    plan = plan_lifecycle(config(tmp_path))
+    plan = plan_quickstart(config(tmp_path))
     assert [s.name for s in plan.stages] == ["base", "analyze", "select", "retire", "report"]
     assert [j.name for j in plan.stages[3].jobs] == ["adapt", "prune"]
     base = plan.job("base").command
@@ -52,7 +52,7 @@ def test_the_plan_trains_analyzes_selects_then_adapts_and_prunes_side_by_side_th
 )
 def test_bad_options_are_refused_naming_the_fix(tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
-        plan_lifecycle(config(tmp_path, **changes))
+        plan_quickstart(config(tmp_path, **changes))
 
 
 def test_a_job_whose_workdir_holds_the_pipeline_is_refused(tmp_path):

@@ -22,6 +22,10 @@ the rows that chose the experts never grade them. ESFT's experts come from that 
 ``connito select`` rather than from ``connito adapt``'s own selection pass: the same numbers the report shows, and
 one pass less. Rerunning the command runs only the jobs that are not done (the orchestration layer); a change to a
 stage's settings reruns that stage and the ones after it.
+
+**Names.** The code is named after the command (``quickstart``: this module, :class:`QuickstartConfig`,
+:func:`plan_quickstart`); what it runs is the lifecycle, and its pipeline directory stays ``runs/lifecycle``
+(``run.name``): ``runs/quickstart`` is where ``connito train`` with no arguments writes.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ MASK = "esft.mask.json"
 
 
 @dataclass
-class LifecycleBase:
+class QuickstartBase:
     model: str = "qwen3_moe_tiny"
     """The ``configs/model`` preset of the base (an MoE family)."""
     steps: int = 600
@@ -63,7 +67,7 @@ class LifecycleBase:
 
 
 @dataclass
-class LifecycleAnalysis:
+class QuickstartAnalysis:
     tokens: int = 16384
     """Training tokens per domain the analysis streams."""
     driver_tokens: int = 4096
@@ -71,7 +75,7 @@ class LifecycleAnalysis:
 
 
 @dataclass
-class LifecycleAdapt:
+class QuickstartAdapt:
     steps: int = 150
     """ESFT steps on ``domain`` alone."""
     top_p: float = 0.2
@@ -79,7 +83,7 @@ class LifecycleAdapt:
 
 
 @dataclass
-class LifecyclePrune:
+class QuickstartPrune:
     keep: int = 4
     """Experts kept per MoE layer, ranked by how often ``domain``'s tokens choose them."""
     score: str = "token"
@@ -87,13 +91,13 @@ class LifecyclePrune:
 
 
 @dataclass
-class LifecycleOptOut:
+class QuickstartOptOut:
     experts_per_layer: int = 1
     """In every MoE layer, opt out this many of ``domain``'s most-used experts (token-selection ratio)."""
 
 
 @dataclass
-class LifecycleConfig:
+class QuickstartConfig:
     """Root config of ``connito quickstart`` (``configs/quickstart.yaml``)."""
 
     run: RunConfig = field(default_factory=lambda: RunConfig(name="lifecycle"))
@@ -101,11 +105,11 @@ class LifecycleConfig:
     """The text: the base trains on every domain of ``data.domains``, the report measures every one."""
     domain: str = "code"
     """The domain the model is adapted to, opted out of and pruned for."""
-    base: LifecycleBase = field(default_factory=LifecycleBase)
-    analysis: LifecycleAnalysis = field(default_factory=LifecycleAnalysis)
-    adapt: LifecycleAdapt = field(default_factory=LifecycleAdapt)
-    prune: LifecyclePrune = field(default_factory=LifecyclePrune)
-    opt_out: LifecycleOptOut = field(default_factory=LifecycleOptOut)
+    base: QuickstartBase = field(default_factory=QuickstartBase)
+    analysis: QuickstartAnalysis = field(default_factory=QuickstartAnalysis)
+    adapt: QuickstartAdapt = field(default_factory=QuickstartAdapt)
+    prune: QuickstartPrune = field(default_factory=QuickstartPrune)
+    opt_out: QuickstartOptOut = field(default_factory=QuickstartOptOut)
     train_overrides: list[str] = field(default_factory=list)
     """More trainer overrides for the base and the ESFT job; quote each item on the command line:
     ``'train_overrides=["train.micro_batch_size=4"]'``."""
@@ -119,7 +123,7 @@ class LifecycleConfig:
     nothing. ``report``: run the report stage of an existing plan in this process (what that job runs)."""
 
 
-def _check(cfg: LifecycleConfig) -> None:
+def _check(cfg: QuickstartConfig) -> None:
     if cfg.data.source != "recipe":
         raise ValueError(
             f"data.source={cfg.data.source!r}: connito quickstart runs on the bundled recipe (data.source=recipe)"
@@ -139,7 +143,7 @@ def _check(cfg: LifecycleConfig) -> None:
         raise ValueError(f"prune.score={cfg.prune.score!r}: choose token or gate")
 
 
-def plan_lifecycle(cfg: LifecycleConfig) -> Plan:
+def plan_quickstart(cfg: QuickstartConfig) -> Plan:
     """The stages of ``cfg``'s lifecycle (see the module docstring)."""
     _check(cfg)
     root, ranks = run_root(cfg.run), job_ranks(cfg.launcher)
