@@ -9,18 +9,18 @@ Stages (each a set of jobs, each job one ``connito`` command with its own direct
 - ``analyze``: ``connito analyze model_path=<base> out_dir=<run>/analysis`` on the groups' domains' training
   text (``split=train``, as ESFT selects; the causal driver scan only for ``partition.score=driver``);
 - ``partition``: ``connito groups stage=partition``,
-  :func:`~connito.composition.expert_groups.partition_from_analysis` then
-  :func:`~connito.composition.expert_groups.write_group_masks`: ``<run>/groups/<domain>.mask.json`` (masks of the
-  base) and ``groups/partition.json`` (every group's experts); prints the groups;
+  :func:`~connito.composition.expert_groups.partition.partition_from_analysis` then
+  :func:`~connito.composition.expert_groups.partition.write_group_masks`: ``<run>/groups/<domain>.mask.json``
+  (masks of the base) and ``groups/partition.json`` (every group's experts); prints the groups;
 - ``groups``: one ``group-<domain>`` job per domain, ``connito adapt method=esft esft.mask_file=<its mask>
   model.path=<base> data.domains=[<domain>]``: slice-exact gradient masks train that group's experts and nothing
   else; it writes ``group-<domain>/hf`` and the delta package ``group-<domain>/delta``;
 - ``merge``: ``connito groups stage=merge``: every group job done, then
-  :func:`~connito.composition.expert_groups.merge_groups` of the base and every delta into ``merged/`` with
+  :func:`~connito.composition.expert_groups.merge.merge_groups` of the base and every delta into ``merged/`` with
   ``merge.overlap``; with ``merge.validate`` the staged merge is measured first
-  (:func:`~connito.composition.expert_groups.held_out_validator`) and refused, nothing written, when any domain's
-  held-out loss rose more than ``merge.max_regression`` nats over the base's: the job fails with the table of
-  numbers in its log (and on the orchestrator's stderr) and the pipeline stops there;
+  (:func:`~connito.composition.expert_groups.validation.held_out_validator`) and refused, nothing written, when
+  any domain's held-out loss rose more than ``merge.max_regression`` nats over the base's: the job fails with the
+  table of numbers in its log (and on the orchestrator's stderr) and the pipeline stops there;
 - ``report``: ``connito groups stage=report``, held-out loss per domain of the base, each group's adapted model
   and the merged model (``groups_report.md`` / ``.json``).
 
@@ -86,7 +86,7 @@ class BaseModelConfig:
 
 @dataclass
 class PartitionConfig:
-    """How the experts are split (:func:`~connito.composition.expert_groups.partition_experts`)."""
+    """How the experts are split (:func:`~connito.composition.expert_groups.partition.partition_experts`)."""
 
     score: str = "gate"
     """``gate`` (ESFT average gate score), ``token`` (ESFT token-selection ratio) or ``driver`` (causal driver
@@ -111,7 +111,8 @@ class GroupConfig:
 @dataclass
 class GroupMergeConfig:
     """``merge.*``: how the group jobs' changes are merged into one model
-    (:func:`~connito.composition.expert_groups.merge_groups`); not ``connito merge``, which merges similar experts."""
+    (:func:`~connito.composition.expert_groups.merge.merge_groups`); not ``connito merge``, which merges similar
+    experts."""
 
     overlap: str = "refuse"
     """Two jobs changed one tensor (a router trained by both through ``train_overrides``, say): ``refuse``,
@@ -292,7 +293,7 @@ def plan_groups(cfg: GroupsConfig) -> Plan:
 def run_partition(root: Path) -> dict:
     """The partition job: disjoint groups from the base's analysis, one mask file per domain in ``<root>/groups``
     and ``partition.json``; prints the groups and returns the ``partition.json`` record."""
-    from connito.composition.expert_groups import partition_from_analysis, write_group_masks
+    from connito.composition.expert_groups.partition import partition_from_analysis, write_group_masks
 
     plan = planned(root, "groups")
     require_done(root, plan, "analyze", "no group was formed")
@@ -328,7 +329,7 @@ def groups_text(groups: dict) -> str:
 
 
 def _validator(settings: dict, base: Path):
-    from connito.composition.expert_groups import held_out_validator
+    from connito.composition.expert_groups.validation import held_out_validator
 
     merge = GroupMergeConfig(**settings["merge"])
     if not merge.validate:
@@ -342,7 +343,7 @@ def _validator(settings: dict, base: Path):
 def run_merge(root: Path) -> Path:
     """The merge job: every group job done, then their deltas merged onto the base into ``<root>/merged`` (after the
     acceptance test, with ``merge.validate``)."""
-    from connito.composition.expert_groups import merge_groups
+    from connito.composition.expert_groups.merge import merge_groups
 
     plan = planned(root, "groups")
     require_done(root, plan, "groups")

@@ -14,18 +14,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from connito.analysis.expert_scores import SelectionError
-from connito.composition import expert_groups
-from connito.composition.expert_groups import (
+from connito.composition.expert_groups import merge
+from connito.composition.expert_groups.merge import PROVENANCE_FILE, GroupMergeError, merge_groups
+from connito.composition.expert_groups.partition import partition_experts, partition_from_analysis, write_group_masks
+from connito.composition.expert_groups.validation import (
     DEFAULT_MAX_REGRESSION,
-    PROVENANCE_FILE,
-    GroupMergeError,
     held_out_losses,
     held_out_validator,
-    merge_groups,
-    partition_experts,
-    partition_from_analysis,
     validate_merge,
-    write_group_masks,
 )
 from connito.data import prepare_data
 from connito.data.config import DataConfig
@@ -251,7 +247,7 @@ def test_a_tampered_package_is_refused_before_the_base_is_loaded_or_anything_wri
         def from_pretrained(*args, **kwargs):
             raise AssertionError("the base was loaded before every package was verified")
 
-    monkeypatch.setattr(expert_groups, "AutoModelForCausalLM", NoModel)
+    monkeypatch.setattr(merge, "AutoModelForCausalLM", NoModel)
     with pytest.raises(DeltaError, match=r"'experts-layer001.safetensors' has sha256 .* the manifest says"):
         merge_groups(base, {"math": packages["math"], "code": tampered}, tmp_path / "out")
     assert not (tmp_path / "out").exists()
