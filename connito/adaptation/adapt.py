@@ -113,10 +113,9 @@ def run_adapt(cfg: AdaptConfig, run_dir: Path) -> AdaptResult:
 
 def select_for_training(cfg: AdaptConfig, base: Path, run_dir: Path, mask_path: Path) -> None:
     """ESFT's selection on the training data: analyse it on the base model, select, write ``mask_path``."""
-    import json
-
     from connito.adaptation.selection import select_experts
     from connito.analysis.config import AnalyzeConfig
+    from connito.analysis.record import AnalysisRecord
     from connito.analysis.run import run_analysis
     from connito.experts.mask_file import write_mask_file
 
@@ -131,13 +130,13 @@ def select_for_training(cfg: AdaptConfig, base: Path, run_dir: Path, mask_path: 
     analysis_cfg.drivers.enabled = False
     analysis_cfg.sufficiency.enabled = False
     result = run_analysis(analysis_cfg)
-    analysis = json.loads((result.out_dir / "analysis.json").read_text())
-    domains = [d for d in analysis["data"]["domains"] if analysis["data"]["usable"][d]]
+    analysis = AnalysisRecord.load(result.out_dir)
+    domains = analysis.data.usable_domains
     mask = select_experts(analysis, cfg.esft.score, domains, top_p=cfg.esft.top_p)
     write_mask_file(
         mask_path,
         mask,
-        analysis["model"],
+        analysis.model.to_dict(),
         {"method": cfg.esft.score, "domains": domains, "top_p": cfg.esft.top_p, "source": str(result.out_dir)},
     )
     log.info("selected %d experts for %s: %s", len(mask), ", ".join(domains), mask_path)

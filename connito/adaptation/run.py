@@ -59,12 +59,13 @@ def run_select(cfg: SelectConfig) -> MaskFile:
         "experts": [list(pair) for pair in experts] if experts else None,
         "source": str(source.resolve()),
     }
-    parameters, why_not = _model_parameters(analysis["model"])
+    model = analysis.model.to_dict()
+    parameters, why_not = _model_parameters(model)
     if parameters is None:
         log.info("share of parameters not computed: %s", why_not)
     out = Path(cfg.out).expanduser() if cfg.out else source.parent / default_mask_name(cfg)
-    path = write_mask_file(out, mask, analysis["model"], selection, parameters)
-    return read_mask_file(path, analysis["model"]["fingerprint"])
+    path = write_mask_file(out, mask, model, selection, parameters)
+    return read_mask_file(path, analysis.model.fingerprint)
 
 
 def summary_text(mask_file: MaskFile) -> str:

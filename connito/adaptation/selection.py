@@ -64,6 +64,7 @@ from connito.analysis.expert_scores import (
     score_sources,
     score_table,
 )
+from connito.analysis.record import AnalysisRecord, as_analysis
 from connito.experts import ExpertMask
 
 __all__ = [
@@ -94,7 +95,7 @@ def methods() -> list[str]:
 
 
 def select_experts(
-    analysis: dict,
+    analysis: AnalysisRecord | dict,
     method: str,
     domains: str | Sequence[str] = (),
     top_p: float = DEFAULT_TOP_P,
@@ -107,8 +108,9 @@ def select_experts(
     analysis.json, :func:`load_analysis`), as a mask over the analysed model's [num_layers, num_experts]. See the
     module docstring for the rules. ``experts`` is the hand-written list of ``method="list"`` (``domains`` and
     the thresholds are not used then). An empty selection is an error."""
-    model = analysis["model"]
-    num_layers, num_experts, moe_layers = int(model["num_layers"]), int(model["num_experts"]), list(model["moe_layers"])
+    analysis = as_analysis(analysis)
+    model = analysis.model
+    num_layers, num_experts, moe_layers = model.num_layers, model.num_experts, list(model.moe_layers)
     if method == "list":
         mask = ExpertMask.from_ids(parse_expert_list(experts), num_layers, num_experts, moe_layers)
         if not len(mask):

@@ -16,14 +16,14 @@ Shape legend: L MoE layers (index i is ``moe_layers[i]``, as in analysis.json), 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from connito.analysis.report import SCHEMA as ANALYSIS_SCHEMA
+from connito.analysis.record import SCHEMA as ANALYSIS_SCHEMA  # noqa: F401  (re-exported by selection)
+from connito.analysis.record import AnalysisRecord, DriverScores, as_analysis
 
 SHARE_TOLERANCE = 1e-9
 """A cumulative share within this of ``top_p`` reaches it (float rounding of shares that add up to exactly it)."""
@@ -40,39 +40,13 @@ class SelectionError(ValueError):
 
 def analysis_file(path: str | Path) -> Path:
     """``path`` itself, or ``path/analysis.json`` when ``path`` is a directory."""
-    path = Path(path).expanduser()
-    return path / "analysis.json" if path.is_dir() else path
+    return AnalysisRecord.file(path)
 
 
-def load_analysis(path: str | Path) -> dict:
-    """The parsed ``analysis.json`` at ``path`` (the file or its directory), checked for schema
-    ``connito.analysis/1`` and the sections selection reads."""
-    file = analysis_file(path)
-    if not file.is_file():
-        raise SelectionError(
-            f"no analysis.json at {file}: run `connito analyze model_path=<checkpoint or run directory>` first, or "
-            "point analysis_path= at the file or the directory holding it"
-        )
-    try:
-        record = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise SelectionError(f"{file} is not valid JSON ({err}); re-run `connito analyze` to rewrite it") from None
-    schema = record.get("schema") if isinstance(record, dict) else None
-    if schema != ANALYSIS_SCHEMA:
-        raise SelectionError(
-            f"{file} is not a Connito analysis: schema {schema!r}, expected {ANALYSIS_SCHEMA!r}. Point "
-            "analysis_path= at the analysis.json `connito analyze` wrote"
-        )
-    needed = {
-        "model": ("fingerprint", "model_type", "num_layers", "moe_layers", "num_experts"),
-        "data": ("domains", "tokens", "usable"),
-        "esft": ("gate_score", "selection_ratio"),
-    }
-    for section, keys in needed.items():
-        missing = [key for key in keys if key not in (record.get(section) or {})]
-        if missing:
-            raise SelectionError(f"{file}: section '{section}' lacks {missing}; re-run `connito analyze` to rewrite it")
-    return record
+def load_analysis(path: str | Path) -> AnalysisRecord:
+    """The :class:`~connito.analysis.record.AnalysisRecord` at ``path`` (the file or its directory), checked for
+    schema ``connito.analysis/1`` and the sections selection reads; :class:`SelectionError` names the fix."""
+    return AnalysisRecord.load(path, SelectionError)
 
 
 # -- score sources (the registry) ------------------------------------------------------------------------------
@@ -80,17 +54,17 @@ def load_analysis(path: str | Path) -> dict:
 
 @dataclass(frozen=True)
 class ScoreSource:
-    """One way to score experts for a domain from an analysis record."""
+    """One way to score experts for a domain from an analysis record (:class:`AnalysisRecord`)."""
 
     name: str
     """The ``method=`` value."""
     what: str
     """What the score is, for messages."""
-    tokens: Callable[[dict], dict[str, int]]
+    tokens: Callable[[AnalysisRecord], dict[str, int]]
     """Tokens each domain's score was measured on (the weights of ``combine=pool``)."""
-    usable: Callable[[dict], list[str]]
+    usable: Callable[[AnalysisRecord], list[str]]
     """The domains that have this score."""
-    scores: Callable[[dict, str], list]
+    scores: Callable[[AnalysisRecord, str], list]
     """``[moe layer][expert]`` nested lists (None: no score); higher = the domain needs the expert more."""
     fix: str
     """How to give a domain this score, for the error naming an unusable domain."""
@@ -123,20 +97,20 @@ def _esft_source(name: str, key: str, what: str) -> ScoreSource:
     return ScoreSource(
         name=name,
         what=what,
-        tokens=lambda analysis: {d: int(n) for d, n in analysis["data"]["tokens"].items()},
-        usable=lambda analysis: [d for d in analysis["data"]["domains"] if analysis["data"]["usable"].get(d)],
-        scores=lambda analysis, domain: analysis["esft"][key][domain],
+        tokens=lambda analysis: {d: int(n) for d, n in analysis.data.tokens.items()},
+        usable=lambda analysis: analysis.data.usable_domains,
+        scores=lambda analysis, domain: getattr(analysis.esft, key)[domain],
         fix="stream more of its text (connito analyze tokens=...) or lower connito analyze's min_tokens",
     )
 
 
-def _drivers(analysis: dict) -> dict:
-    if analysis.get("drivers") is None:
+def _drivers(analysis: AnalysisRecord) -> DriverScores:
+    if analysis.drivers is None:
         raise SelectionError(
             "analysis.json has no driver scores (connito analyze ran with drivers.enabled=false): re-run "
             "`connito analyze drivers.enabled=true`, or select with method=gate or method=token"
         )
-    return analysis["drivers"]
+    return analysis.drivers
 
 
 register_score_source(_esft_source("gate", "gate_score", "ESFT average gate score"))
@@ -145,18 +119,19 @@ register_score_source(
     ScoreSource(
         name="driver",
         what="driver score",
-        tokens=lambda analysis: {d: int(n) for d, n in _drivers(analysis)["tokens"].items()},
-        usable=lambda analysis: [d for d, n in _drivers(analysis)["tokens"].items() if n > 0],
-        scores=lambda analysis, domain: _drivers(analysis)["score"][domain],
+        tokens=lambda analysis: {d: int(n) for d, n in _drivers(analysis).tokens.items()},
+        usable=lambda analysis: [d for d, n in _drivers(analysis).tokens.items() if n > 0],
+        scores=lambda analysis, domain: _drivers(analysis).score[domain],
         fix="give the driver scan more tokens (connito analyze drivers.tokens=...)",
     )
 )
 
 
-def check_domains(analysis: dict, source: ScoreSource, domains: str | Sequence[str]) -> list[str]:
+def check_domains(analysis: AnalysisRecord | dict, source: ScoreSource, domains: str | Sequence[str]) -> list[str]:
     """``domains`` as a list without repeats, each known to ``analysis`` and scored by ``source``."""
+    analysis = as_analysis(analysis)
     names = [domains] if isinstance(domains, str) else list(dict.fromkeys(domains))
-    known = list(analysis["data"]["domains"])
+    known = list(analysis.data.domains)
     usable = source.usable(analysis)
     listing = f"usable for method={source.name}: {', '.join(usable) or 'none'}"
     if not names:
@@ -177,10 +152,11 @@ def check_domains(analysis: dict, source: ScoreSource, domains: str | Sequence[s
     return names
 
 
-def score_table(analysis: dict, source: ScoreSource, domain: str) -> torch.Tensor:
+def score_table(analysis: AnalysisRecord | dict, source: ScoreSource, domain: str) -> torch.Tensor:
     """``score_LE`` (float64, NaN where the file has no score) of ``domain`` by ``source``, checked to be a
     [MoE layers, experts] table of the analysed model."""
-    num_moe, num_experts = len(analysis["model"]["moe_layers"]), int(analysis["model"]["num_experts"])
+    analysis = as_analysis(analysis)
+    num_moe, num_experts = len(analysis.model.moe_layers), analysis.model.num_experts
     rows = source.scores(analysis, domain)
     nan = float("nan")
     try:

@@ -34,12 +34,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from connito.common.atomic import atomic_write_json
+from connito.analysis.record import SCHEMA, AnalysisRecord
 
 if TYPE_CHECKING:
     from connito.analysis.run import AnalysisResult
-
-SCHEMA = "connito.analysis/1"
 
 
 def _floats(tensor: torch.Tensor, digits: int = 6):
@@ -133,7 +131,7 @@ def write_outputs(result: AnalysisResult, stats, view, cfg) -> None:
     out = result.out_dir
     out.mkdir(parents=True, exist_ok=True)
     record = analysis_record(result, view, cfg)
-    atomic_write_json(out / "analysis.json", record)
+    AnalysisRecord.from_dict(record).save(out / "analysis.json")
     pictures = draw_pictures(result, out)
     (out / "report.md").write_text(report_markdown(record, pictures))
 

@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from connito.analysis.record import AnalysisRecord, as_analysis
 from connito.experts import ExpertView
 from connito.models.families import ModelError
 
@@ -170,9 +171,9 @@ def similar_groups(similarity_LEE: torch.Tensor, keep: int, usage_LE: torch.Tens
     return groups
 
 
-def coactivation_similarity(analysis: dict) -> torch.Tensor:
+def coactivation_similarity(analysis: AnalysisRecord | dict) -> torch.Tensor:
     """``[L, E, E]`` symmetrised co-activation of the analysis (never-chosen experts: 0)."""
-    rows = analysis.get("coactivation")
+    rows = as_analysis(analysis).coactivation
     if rows is None:
         raise MergeError(
             "analysis.json has no coactivation section: re-run `connito analyze`, or use similarity=weight"
@@ -201,7 +202,7 @@ def plan_merge(
     keep: int | None = None,
     similarity: str = "coactivation",
     usage_LE: torch.Tensor | None = None,
-    analysis: dict | None = None,
+    analysis: AnalysisRecord | dict | None = None,
 ) -> MergePlan:
     """The merge of ``groups`` (explicit) or, with ``keep``, of the groups :func:`similar_groups` finds.
     ``usage_LE`` [L, E] weighs the members (None: uniform); ``analysis`` gives ``similarity=coactivation``."""

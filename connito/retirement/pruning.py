@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from connito.analysis.expert_scores import check_domains, load_analysis, score_source, score_table
+from connito.analysis.record import AnalysisRecord, as_analysis
 from connito.models.families import ModelError
 from connito.models.fingerprint import checkpoint_fingerprint
 
@@ -62,19 +63,18 @@ class PrunePlan:
     """Global ``(layer, expert)`` ids removed."""
 
 
-def pooled_usage(analysis: dict, score: str, domains: Sequence[str] | None = None) -> torch.Tensor:
+def pooled_usage(analysis: AnalysisRecord | dict, score: str, domains: Sequence[str] | None = None) -> torch.Tensor:
     """[L, E] usage pooled over ``domains`` (default: every usable domain), token-weighted; NaN scores count 0."""
     if score not in USAGE_SCORES:
         raise PruningError(
             f"score={score!r}: prune by usage with 'token' (selection frequency) or 'gate' (average gate score) "
             "read from an analysis, or by REAP saliency with 'reap' (measured on calibration text)"
         )
+    analysis = as_analysis(analysis)
     source = score_source(score)
     names = check_domains(analysis, source, list(domains) if domains else source.usable(analysis))
     tokens = source.tokens(analysis)
-    total = torch.zeros(
-        len(analysis["model"]["moe_layers"]), int(analysis["model"]["num_experts"]), dtype=torch.float64
-    )
+    total = torch.zeros(len(analysis.model.moe_layers), analysis.model.num_experts, dtype=torch.float64)
     weight = 0.0
     for name in names:
         total += tokens[name] * torch.nan_to_num(score_table(analysis, source, name), nan=0.0)
@@ -106,29 +106,34 @@ def plan_from_scores(score_LE: torch.Tensor, moe_layers: Sequence[int], top_k: i
     return PrunePlan(list(moe_layers), score_LE.to(torch.float64), kept, removed)
 
 
-def plan_pruning(analysis: dict, keep: int, score: str = "token", domains: Sequence[str] | None = None) -> PrunePlan:
+def plan_pruning(
+    analysis: AnalysisRecord | dict, keep: int, score: str = "token", domains: Sequence[str] | None = None
+) -> PrunePlan:
     """Which experts go by usage (``score=token|gate`` of ``analysis``): per MoE layer all but the ``keep``
     most-used ones (ties: lower index kept)."""
-    model = analysis["model"]
+    analysis = as_analysis(analysis)
+    model = analysis.model
     if score == "reap":
         raise PruningError(
             "score='reap' is measured on calibration text, not read from an analysis: call prune_checkpoint(..., "
             "score='reap', calibration=held_out_batches(...)) or plan_from_scores(reap_saliency(...).saliency_LE, ...)"
         )
-    num_experts, top_k = int(model["num_experts"]), int(model.get("top_k", 1))
+    num_experts, top_k = model.num_experts, 1 if model.top_k is None else model.top_k
     check_keep(keep, num_experts, top_k)  # before the analysis is read further
-    return plan_from_scores(pooled_usage(analysis, score, domains), model["moe_layers"], top_k, keep)
+    return plan_from_scores(pooled_usage(analysis, score, domains), model.moe_layers, top_k, keep)
 
 
-def load_analysis_of(checkpoint: Path, analysis_path: str | Path, error: type[Exception] = ModelError) -> dict:
+def load_analysis_of(
+    checkpoint: Path, analysis_path: str | Path, error: type[Exception] = ModelError
+) -> AnalysisRecord:
     """The ``analysis.json`` at ``analysis_path``, checked to analyse ``checkpoint`` (its fingerprint); ``error``
     (the caller's error class) names the fix otherwise."""
     analysis = load_analysis(analysis_path)
     fingerprint = checkpoint_fingerprint(checkpoint)
-    if analysis["model"]["fingerprint"] != fingerprint:
+    if analysis.model.fingerprint != fingerprint:
         raise error(
-            f"{analysis_path} analyses another checkpoint ({analysis['model'].get('path')}, "
-            f"{analysis['model']['fingerprint']}) than {checkpoint} ({fingerprint}): run `connito analyze "
+            f"{analysis_path} analyses another checkpoint ({analysis.model.path}, "
+            f"{analysis.model.fingerprint}) than {checkpoint} ({fingerprint}): run `connito analyze "
             f"model_path={checkpoint}` and use that analysis"
         )
     return analysis

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from connito.analysis.expert_scores import check_domains, load_analysis, score_source, score_table
+from connito.analysis.record import AnalysisRecord, as_analysis
 from connito.experts import ExpertView
 from connito.models.families import ModelError
 from connito.models.fingerprint import checkpoint_fingerprint
@@ -69,8 +70,9 @@ class SharePlan:
     pick: str
 
 
-def pooled_scores(analysis: dict, score: str, domains: list[str] | None) -> torch.Tensor:
+def pooled_scores(analysis: AnalysisRecord | dict, score: str, domains: list[str] | None) -> torch.Tensor:
     """[MoE layers, experts] of ``score`` pooled over ``domains`` (token-weighted; NaN counts 0)."""
+    analysis = as_analysis(analysis)
     source = score_source(score)
     names = check_domains(analysis, source, domains if domains else source.usable(analysis))
     tokens = source.tokens(analysis)
@@ -79,20 +81,25 @@ def pooled_scores(analysis: dict, score: str, domains: list[str] | None) -> torc
 
 
 def plan_sharing(
-    analysis: dict, checkpoint: str | Path, per_layer: int, pick: str = "driver", domains: list[str] | None = None
+    analysis: AnalysisRecord | dict,
+    checkpoint: str | Path,
+    per_layer: int,
+    pick: str = "driver",
+    domains: list[str] | None = None,
 ) -> SharePlan:
     """Which experts of every MoE layer become the shared expert (the ``per_layer`` best by ``pick``: ``driver``
     score, ``token`` selection ratio or ``gate`` score, pooled over ``domains``), and their merge weights."""
     if pick not in PICKS:
         raise SharingError(f"pick={pick!r}: choose one of {', '.join(PICKS)} (driver: the causal scan's drivers)")
+    analysis = as_analysis(analysis)
     fingerprint = checkpoint_fingerprint(checkpoint)
-    if analysis["model"]["fingerprint"] != fingerprint:
+    if analysis.model.fingerprint != fingerprint:
         raise SharingError(
-            f"the analysis is of another model ({analysis['model'].get('path')}, fingerprint "
-            f"{analysis['model']['fingerprint'][:19]}...), not of {checkpoint} ({fingerprint[:19]}...): its drivers "
+            f"the analysis is of another model ({analysis.model.path}, fingerprint "
+            f"{analysis.model.fingerprint[:19]}...), not of {checkpoint} ({fingerprint[:19]}...): its drivers "
             "name other experts. Run `connito analyze model_path=<checkpoint>` and share from that analysis"
         )
-    num_experts, top_k = int(analysis["model"]["num_experts"]), int(analysis["model"]["top_k"])
+    num_experts, top_k = analysis.model.num_experts, analysis.model.top_k
     if per_layer < 1 or num_experts - per_layer < top_k:
         raise SharingError(
             f"per_layer={per_layer}: each MoE layer has {num_experts} experts and routes top-{top_k}, so between 1 "
@@ -101,7 +108,7 @@ def plan_sharing(
     score_LE = pooled_scores(analysis, pick, domains)
     gate_LE = pooled_scores(analysis, "gate", domains)
     picked, weights, scale = {}, {}, {}
-    for i, layer in enumerate(analysis["model"]["moe_layers"]):
+    for i, layer in enumerate(analysis.model.moe_layers):
         experts = score_LE[i].topk(per_layer).indices.tolist()
         mass = gate_LE[i, experts].clamp_min(0.0)
         total = float(mass.sum())

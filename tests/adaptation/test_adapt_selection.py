@@ -12,6 +12,7 @@ import torch
 from connito.adaptation.config import SelectConfig
 from connito.adaptation.run import run_select
 from connito.adaptation.selection import SelectionError, load_analysis, pick_per_layer, select_experts
+from connito.analysis.record import AnalysisRecord
 from connito.analysis.summaries import experts_to_reach
 from connito.experts import ExpertAddressError, ExpertMask, ExpertView
 from connito.experts.mask_file import MaskFileError, read_mask_file, write_mask_file
@@ -190,7 +191,9 @@ def test_driver_selection_without_a_driver_scan_says_how_to_get_one():
 
 def test_load_analysis_takes_the_file_or_its_directory_and_checks_the_schema(tmp_path):
     (tmp_path / "analysis.json").write_text(json.dumps(make_analysis()))
-    assert load_analysis(tmp_path) == load_analysis(tmp_path / "analysis.json") == make_analysis()
+    loaded = load_analysis(tmp_path)
+    assert loaded == load_analysis(tmp_path / "analysis.json") == AnalysisRecord.from_dict(make_analysis())
+    assert loaded.model.fingerprint == FINGERPRINT and loaded.data.usable_domains == ["code", "docs", "wiki"]
     (tmp_path / "other.json").write_text(json.dumps({"schema": "connito.mask/1"}))
     with pytest.raises(SelectionError, match=r"not a Connito analysis: schema 'connito.mask/1'"):
         load_analysis(tmp_path / "other.json")
