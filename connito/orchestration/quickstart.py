@@ -224,7 +224,7 @@ def most_used_experts(analysis_dir: Path, domain: str, per_layer: int) -> list[t
 
     analysis = load_analysis(analysis_dir)
     score_LE = score_table(analysis, score_source("token"), domain).nan_to_num(-1.0)
-    layers = analysis["model"]["moe_layers"]
+    layers = analysis.model.moe_layers
     top_LK = score_LE.topk(per_layer, dim=1).indices
     return [(layers[i], int(e)) for i in range(len(layers)) for e in top_LK[i].tolist()]
 
@@ -280,17 +280,18 @@ def run_report(root: Path) -> dict:
 
 def _markdown(root: Path, settings: dict, rows: dict, columns: list[str], record: dict) -> str:
     from connito.analysis.held_out import losses_table
+    from connito.analysis.record import AnalysisRecord
 
     domain, keep = settings["domain"], settings["prune"]["keep"]
     adapt = json.loads((root / "adapt" / "adapt.json").read_text())
     base_val = _last_eval(root / "base" / "metrics.jsonl")
     trained = adapt["trainable_params"] / adapt["total_params"]
-    analysis = json.loads((root / "analysis" / "analysis.json").read_text())["model"]
+    analysis = AnalysisRecord.load(root / "analysis").model
     lines = [
         "# The lifecycle of an MoE model, end to end",
         "",
-        f"A tiny {analysis['model_type']} ({len(analysis['moe_layers'])} MoE layers of {analysis['num_experts']} "
-        f"experts, top-{analysis['top_k']}) trained on {', '.join(record['domains'])}, then looked at, adapted to "
+        f"A tiny {analysis.model_type} ({len(analysis.moe_layers)} MoE layers of {analysis.num_experts} "
+        f"experts, top-{analysis.top_k}) trained on {', '.join(record['domains'])}, then looked at, adapted to "
         f"{domain}, an expert opted out and the model pruned for {domain}. Every number is held-out loss in nats "
         "per token on the validation split (lower is better); the jobs' logs are in `logs/`.",
         "",

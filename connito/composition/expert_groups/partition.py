@@ -145,9 +145,8 @@ def partition_from_analysis(
     analysis = load_analysis(analysis_path)
     source = score_source(score)
     names = check_domains(analysis, source, domains)
-    model = analysis["model"]
     scores = {d: score_table(analysis, source, d) for d in names}
-    moe_layers, num_layers = model["moe_layers"], int(model["num_layers"])
+    moe_layers, num_layers = list(analysis.model.moe_layers), analysis.model.num_layers
     return partition_experts(scores, moe_layers, num_layers, top_p=top_p, top_n=top_n, overlap=overlap)
 
 
@@ -171,10 +170,10 @@ def write_group_masks(
     extra = dict(selection or {})
     if analysis is not None:
         record = load_analysis(analysis)
-        if record["model"]["fingerprint"] != model["fingerprint"]:
+        if record.model.fingerprint != model["fingerprint"]:
             raise ModelError(
                 f"the analysis {analysis} was computed on another model (fingerprint "
-                f"{record['model']['fingerprint'][:19]}...) than base_dir='{base}' ({model['fingerprint'][:19]}...): "
+                f"{record.model.fingerprint[:19]}...) than base_dir='{base}' ({model['fingerprint'][:19]}...): "
                 "partition the experts from an analysis of this base (connito analyze model_path=<base>)"
             )
         extra["source"] = str(analysis_file(analysis).resolve())
