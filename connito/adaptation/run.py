@@ -71,12 +71,12 @@ def run_select(cfg: SelectConfig) -> MaskFile:
 def summary_text(mask_file: MaskFile) -> str:
     """A few lines: how many experts each MoE layer keeps, and their share of routed experts and parameters."""
     counts, model, mask = mask_file.counts, mask_file.model, mask_file.mask
-    share = f"{counts['selected']} of {counts['routed_experts']} routed experts ({100 * counts['routed_share']:.1f} %)"
-    if counts["parameters"] is not None:
-        share += f"; {100 * counts['parameters']['share']:.2f} % of the model's parameters"
+    share = f"{counts.selected} of {counts.routed_experts} routed experts ({100 * counts.routed_share:.1f} %)"
+    if counts.parameters is not None:
+        share += f"; {100 * counts.parameters['share']:.2f} % of the model's parameters"
     lines = [f"selected:   {share}", f"{'layer':>7}  {'kept':<7}  experts"]
     for layer in mask.moe_layers:
         kept = [e for lay, e in mask.ids() if lay == layer]
-        fraction = f"{len(kept)}/{model['num_experts']}"
+        fraction = f"{len(kept)}/{model.num_experts}"
         lines.append(f"{layer:>7}  {fraction:<7}  {' '.join(map(str, kept)) or '-'}")
     return "\n".join(lines)

@@ -216,7 +216,7 @@ def test_mask_file_round_trip_and_refusals(tmp_path):
     assert '"2": [2, 3]' in path.read_text()  # a layer's experts on one line
 
     loaded = read_mask_file(path, FINGERPRINT)
-    assert loaded.mask == mask and loaded.selection == selection and loaded.model["num_experts"] == 4
+    assert loaded.mask == mask and loaded.selection == selection and loaded.model.num_experts == 4
 
     with pytest.raises(ModelError, match=r"made for another model .*connito analyze model_path="):
         read_mask_file(path, "sha256:" + "cd" * 32)
@@ -296,7 +296,7 @@ def test_connito_select_end_to_end(checkpoints, tmp_path, monkeypatch, capsys):
     assert chosen(loaded.mask) == {0: [0], 1: [0], 2: [2]}
     assert loaded.selection["source"] == str((tmp_path / "analysis" / "analysis.json").resolve())
     per_expert = 3 * 32 * 16  # gate, up and down projections of one expert
-    parameters = loaded.counts["parameters"]
+    parameters = loaded.counts.parameters
     assert parameters["selected"] == 3 * per_expert and parameters["total"] > 12 * per_expert
     out = capsys.readouterr().out
     assert "mask file:  analysis/mask-gate-code-p0.5.json" in out and "3 of 12 routed experts (25.0 %)" in out
