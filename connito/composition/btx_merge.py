@@ -293,26 +293,12 @@ def build_btx(
     return MergedBranches(model, base, branches, out, provenance)
 
 
-def merge_branches(
-    seed_path: str | Path,
-    branch_paths: Sequence[str | Path],
-    out_dir: str | Path,
-    *,
-    family: str | None = None,
-    generalist: bool = False,
-    shared: str = "average",
-    router_init: str | torch.Tensor = "random",
-    seed: int = 0,
-    chunks: int = 1,
-    overwrite: bool = False,
-) -> Path:
+def merge_branches(seed_path: str | Path, branch_paths: Sequence[str | Path], out_dir: str | Path, **options) -> Path:
     """Merge dense ``branch_paths`` (trained from ``seed_path``) into an MoE checkpoint at ``out_dir`` (returned).
-    ``family`` defaults to the seed's (llama -> mixtral, qwen3 -> qwen3_moe, qwen2 -> qwen2_moe); see the module
-    docstring for what each expert and tensor becomes and what is refused."""
-    merged = build_btx(
-        seed_path, branch_paths, out_dir, family=family, generalist=generalist, shared=shared,
-        router_init=router_init, seed=seed, chunks=chunks, overwrite=overwrite,
-    )  # fmt: skip
+    ``options`` are :func:`build_btx`'s keywords: ``family`` (default the seed's: llama -> mixtral, qwen3 ->
+    qwen3_moe, qwen2 -> qwen2_moe), ``generalist``, ``shared``, ``router_init``, ``seed``, ``chunks``,
+    ``overwrite``; see the module docstring for what each expert and tensor becomes and what is refused."""
+    merged = build_btx(seed_path, branch_paths, out_dir, **options)
     write_checkpoint(merged.model, merged.out, merged.seed.path, PROVENANCE_FILE, merged.provenance)
     log.info("BTX checkpoint written to %s (%s)", merged.out, ", ".join(merged.provenance["experts"]))
     return merged.out
