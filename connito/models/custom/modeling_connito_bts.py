@@ -1,8 +1,9 @@
 """BTS models (Branch-Train-Stitch, Zhang et al. 2025, "BTS: Harmonizing Specialized Experts into a Generalist
 LLM"): a frozen dense hub (the seed) and N frozen dense domain branches run side by side, joined by small stitch
 layers that are the only trained parameters. Standalone (torch and transformers only): Connito imports it natively,
-and ``save_pretrained`` copies this file into the checkpoint with ``config.auto_map``, so
-``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` builds the same model in any process.
+and ``save_pretrained`` copies this file and its relative import (``wrapped_base.py``) into the checkpoint with
+``config.auto_map``, so ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` builds the same
+model in any process.
 
 Layout (``model_type = connito_bts``): ``hub`` is the seed's own ``<Family>ForCausalLM`` (its embeddings, layers,
 final norm and LM head), ``branches.<i>`` branch i's decoder (``<Family>Model``: embeddings, layers, final norm;
@@ -29,9 +30,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PretrainedConfig
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .wrapped_base import WrappedBaseModel, base_config_of
 
 
 class ConnitoBtsConfig(PretrainedConfig):
@@ -67,7 +70,7 @@ class Stitch(nn.Module):
         self.to_branch_gate = nn.Linear(hidden, branches, bias=False)
         self.to_branch = nn.ModuleList(nn.Linear(hidden, hidden, bias=False) for _ in range(branches))
         for projection in [*self.to_hub, *self.to_branch]:
-            projection.zero_init = True  # an untrained stitch is the identity (ConnitoBtsForCausalLM._init_weights)
+            projection.zero_init = True  # an untrained stitch is the identity (WrappedBaseModel._init_weights)
 
     def forward(self, hub: torch.Tensor, branches: dict[int, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         active = sorted(branches)
@@ -79,34 +82,18 @@ class Stitch(nn.Module):
         return hub + mixed, fed
 
 
-class ConnitoBtsForCausalLM(PreTrainedModel, GenerationMixin):
+class ConnitoBtsForCausalLM(WrappedBaseModel, GenerationMixin):
     config_class = ConnitoBtsConfig
     base_model_prefix = "hub"
-    _supports_sdpa = True
-    _supports_attention_backend = True
-    _no_split_modules = []
 
     def __init__(self, config: ConnitoBtsConfig):
         super().__init__(config)
-        base = AutoConfig.for_model(**config.base_config)
-        base._attn_implementation = config._attn_implementation
+        base = base_config_of(config)
         self.hub = AutoModelForCausalLM.from_config(base)
         self.branches = nn.ModuleList(AutoModel.from_config(base) for _ in config.branch_names)
         points = config.num_hidden_layers // config.stitch_every
         self.stitches = nn.ModuleList(Stitch(config.hidden_size, len(config.branch_names)) for _ in range(points))
         self.post_init()
-
-    def _init_weights(self, module):
-        if getattr(module, "zero_init", False):
-            nn.init.zeros_(module.weight)  # a stitch's projections: an untrained stitch is the identity
-        else:
-            super()._init_weights(module)
-
-    def get_input_embeddings(self):
-        return self.hub.get_input_embeddings()
-
-    def get_output_embeddings(self):
-        return self.hub.get_output_embeddings()
 
     def active_indices(self) -> list[int]:
         names = self.config.branch_names

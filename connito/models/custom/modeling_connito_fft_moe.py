@@ -1,7 +1,8 @@
 """FFT-MoE models (Hu et al. 2025, arXiv 2508.18663): a frozen base causal LM with a sparse MoE adapter beside the FFN
 of chosen decoder layers. Standalone (torch and transformers only): Connito imports it natively, and
-``save_pretrained`` copies this file into the checkpoint with ``config.auto_map``, so
-``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` builds the same model in any process.
+``save_pretrained`` copies this file and its relative import (``wrapped_base.py``) into the checkpoint with
+``config.auto_map``, so ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` builds the same
+model in any process.
 
 Layout (``model_type = connito_fft_moe``): ``base`` is the base's own ``<Family>ForCausalLM``; decoder layer ``l``
 with an adapter holds it as ``base.model.layers.<l>.mlp_adapter`` (``router.weight`` [M, H],
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationMixin, PretrainedConfig
+
+from .wrapped_base import WrappedBaseModel, base_config_of
 
 ADAPTER_ATTR = "mlp_adapter"
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -33,7 +36,7 @@ class AdapterExpert(nn.Module):
         self.act = ACTIVATIONS[activation]()
         self.up = nn.Linear(width, hidden, bias=False)
         nn.init.zeros_(self.up.weight)
-        self.up.zero_init = True  # kept at zero by ConnitoFftMoeForCausalLM._init_weights too
+        self.up.zero_init = True  # kept at zero by WrappedBaseModel._init_weights too
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         return self.up(self.act(self.down(x_TH)))
@@ -98,18 +101,13 @@ class ConnitoFftMoeConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
-class ConnitoFftMoeForCausalLM(PreTrainedModel, GenerationMixin):
+class ConnitoFftMoeForCausalLM(WrappedBaseModel, GenerationMixin):
     config_class = ConnitoFftMoeConfig
     base_model_prefix = "base"
-    _supports_sdpa = True
-    _supports_attention_backend = True
-    _no_split_modules = []
 
     def __init__(self, config: ConnitoFftMoeConfig):
         super().__init__(config)
-        base = AutoConfig.for_model(**config.base_config)
-        base._attn_implementation = config._attn_implementation
-        self.base = AutoModelForCausalLM.from_config(base)
+        self.base = AutoModelForCausalLM.from_config(base_config_of(config))
         layers = self.base.model.layers
         chosen = range(len(layers)) if config.adapter_layers is None else config.adapter_layers
         for index in chosen:
@@ -118,18 +116,6 @@ class ConnitoFftMoeForCausalLM(PreTrainedModel, GenerationMixin):
             layers[index].add_module(ADAPTER_ATTR, adapter)
             layers[index].mlp.register_forward_hook(add_adapter_output(adapter))
         self.post_init()
-
-    def _init_weights(self, module):
-        if getattr(module, "zero_init", False):
-            nn.init.zeros_(module.weight)  # an untrained adapter adds exactly zero
-        else:
-            super()._init_weights(module)
-
-    def get_input_embeddings(self):
-        return self.base.get_input_embeddings()
-
-    def get_output_embeddings(self):
-        return self.base.get_output_embeddings()
 
     def forward(self, *args, **kwargs):
         return self.base(*args, **kwargs)
