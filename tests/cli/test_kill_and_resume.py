@@ -1,6 +1,7 @@
 """A training process killed with SIGKILL resumes, by rerunning the same command, onto the exact loss curve of
-an uninterrupted run, with a test callback (tests/training/probe_callback.py: a loss term, a gradient hook, state
-kept across steps) whose state the checkpoints carry: its logged state must match too."""
+an uninterrupted run and onto its final weights and optimizer state, bit for bit, with a test callback
+(tests/training/probe_callback.py: a loss term, a gradient hook, state kept across steps) whose state the
+checkpoints carry: its logged and saved state must match too."""
 
 import json
 import signal
@@ -8,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from tests.helpers import REPO, clean_env, small_overrides
+from tests.helpers import REPO, assert_same_final_state, clean_env, small_overrides
 
 
 def curve(run_dir) -> list[dict]:
@@ -64,3 +65,4 @@ def test_sigkill_then_rerun_reproduces_the_uninterrupted_loss_curve(data_cache, 
     resumed_curve, straight_curve = curve(tmp_path / "runs" / "killed"), curve(tmp_path / "runs" / "straight")
     assert resumed_curve == straight_curve
     assert [r["probe/steps"] for r in straight_curve] == list(range(1, 15))  # the callback's state came back
+    assert_same_final_state(tmp_path / "runs" / "straight", tmp_path / "runs" / "killed")
