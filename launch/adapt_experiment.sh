@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's adaptation experiment: the quickstart model adapted to one domain (code) by full fine-tuning,
+# The adaptation experiment of docs/adapt.md: the quickstart model adapted to one domain (code) by full fine-tuning,
 # ESFT-Gate and ESFT-Token (top_p 0.2) and DES-MoE, each on the same data, steps and optimizer, then one table of
 # in-domain gain, forgetting and cost (`connito adapt report`). CPU, a few minutes per method.
 #

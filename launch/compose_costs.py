@@ -1,5 +1,5 @@
 """Parameters (total, active per token) of composed checkpoints and the training speed of the jobs that made them:
-the cost columns of the README's composition experiment (launch/compose_experiment.sh). Speeds compare only
+the cost columns of the composition experiment in docs/compose.md (launch/compose_experiment.sh). Speeds compare only
 between jobs with the same tokens per step on the same, otherwise idle machine.
 
     python launch/compose_costs.py btx=runs/compose-btx bam=runs/compose-bam dense=runs/compose-btx/dense

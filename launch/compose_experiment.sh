@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's composition experiment: BTX, BAM (without and with key/value sharing) and BTS on the BTX preset's seed
+# The composition experiment of docs/compose.md: BTX, BAM (without and with key/value sharing) and BTS on the BTX preset's seed
 # and branches (trained once; each later variant reruns only merge, fine-tuning and report), against the
 # step-matched dense baseline. Prints each variant's held-out loss table, then parameters and training speed.
 # CPU: ~16 min for the first pipeline, ~2-3 min per later variant.

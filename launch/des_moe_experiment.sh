@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's multi-domain experiment (DES-MoE's claim): the quickstart model adapted to 2, then 4 domains at once
+# The multi-domain experiment of docs/adapt.md (DES-MoE's claim): the quickstart model adapted to 2, then 4 domains at once
 # (mixed batches) by full fine-tuning, ESFT-Gate (selected on the mixture), DES-MoE as the paper's equations set it
 # (phase I: router + backbone) and DES-MoE with phase I training the router alone, each on the same data, steps and
 # optimizer. Gain is measured on the adapted domains, forgetting on held-out general text (prose and wiki, never

@@ -6,6 +6,13 @@ No transformers family has sparse adapters beside its FFNs, so the checkpoint is
 Its weights are the base's under ``base.`` and the adapters' under ``base.model.layers.<l>.mlp_adapter.``; the base's
 tokenizer is copied beside them. The adapters alone travel as the client's update package
 (:func:`connito.composition.fft_moe.server.write_update`).
+
+**Never folded into the FFN.** The issue asked for folding "where that is exact"; it is exact nowhere here, so every
+export carries the adapters as modules: an adapter adds ``sum_m w_tm * up_m(act(down_m(x)))``, where the routing
+weights ``w_tm`` depend on the token (a sum of top-k of a softmax), so no fixed weight matrix reproduces it, and even
+with M = 1 (``w = 1``) the expert is an ungated bottleneck ``up(gelu(down x))`` while the FFNs of the supported
+families are gated (``down(silu(gate x) * up x)``) or an MoE block: appending its channels to the FFN's changes their
+function. Folding would be an approximation, which Connito's exports never make silently.
 """
 
 from __future__ import annotations
