@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from connito.adaptation.des_moe import DesMoe
 from connito.adaptation.des_moe.export import MANIFEST, load_adaptive_router
 from connito.training.callbacks import Callback, CallbackError
-from connito.training.grad_masks import resolve_masks
+from connito.training.trainable_set import resolve_masks
 from connito.training.trainer import run_training
 from tests.helpers import compose_train, small_overrides
 

@@ -20,13 +20,8 @@ import torch
 from connito.experts import ExpertMask, ExpertView
 from connito.training.callbacks import CallbackError
 from connito.training.callbacks.trainable import Trainable
-from connito.training.grad_masks import (
-    GradientMaskError,
-    TrainableSet,
-    check_engine,
-    freeze_untrainable,
-    resolve_masks,
-)
+from connito.training.grad_masks import check_engine, freeze_untrainable
+from connito.training.trainable_set import GradientMaskError, TrainableSet, resolve_masks
 from connito.training.zero_partitions import complement, merge_ranges, optimizer_tensors, rows_to_ranges
 from tests.experts.conftest import build_tiny
 from tests.helpers import REPO, compose_train, small_overrides, torchrun

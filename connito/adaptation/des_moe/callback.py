@@ -45,7 +45,8 @@ from connito.experts import ExpertView
 from connito.routing import RoutingRecord
 from connito.training.callbacks import Callback, CallbackError, MicroBatch
 from connito.training.callbacks.trainable import Trainable
-from connito.training.grad_masks import GradientMask, TrainableSet, freeze_untrainable
+from connito.training.grad_masks import GradientMask, freeze_untrainable
+from connito.training.trainable_set import TrainableSet
 
 if TYPE_CHECKING:
     from connito.training.trainer import Trainer

@@ -6,7 +6,7 @@ experts frozen while the adaptive router settles under distillation); its figure
 trained in phase I too, so what each phase trains is configuration (``phase_parts``, from ``router``, ``backbone``,
 ``experts``: :data:`connito.adaptation.des_moe.config.PARTS`), the equation's sets the default.
 
-A phase is a :class:`connito.training.grad_masks.TrainableSet`:
+A phase is a :class:`connito.training.trainable_set.TrainableSet`:
 
 * ``router``: ``routers=True`` (each MoE layer's router module: the pretrained linear weight and the adaptive MLP);
 * ``backbone``: every parameter that is neither a routed expert nor in a router, by exact name; it is the union of
@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from connito.experts import ExpertMask, ExpertView
-from connito.training.grad_masks import TrainableSet
+from connito.training.trainable_set import TrainableSet
 
 
 @dataclass(frozen=True)

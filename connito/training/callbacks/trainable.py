@@ -44,13 +44,8 @@ from connito.experts import ExpertAddressError, ExpertMask, ExpertView
 from connito.experts.mask_file import MASK_SCHEMA, read_mask_file
 from connito.models.fingerprint import checkpoint_fingerprint
 from connito.training.callbacks.base import Callback, CallbackError
-from connito.training.grad_masks import (
-    GradientMask,
-    TrainableSet,
-    check_engine_config,
-    expert_mask_from_ids,
-    freeze_untrainable,
-)
+from connito.training.grad_masks import GradientMask, check_engine_config, freeze_untrainable
+from connito.training.trainable_set import TrainableSet, expert_mask_from_ids
 
 if TYPE_CHECKING:
     from connito.training.trainer import Trainer
