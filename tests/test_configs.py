@@ -84,7 +84,8 @@ def test_group_option_composes_into_the_typed_config_with_the_values_it_sets(rel
     group, option = relative.parent.as_posix(), relative.stem
     typed = compose_typed(command, [f"{group}={option}"])
     if (CONFIGS / relative).read_text().startswith("# @package _global_"):  # sets keys from the root, e.g. `x: null`
-        assert_carries(yaml_of(CONFIGS / relative), typed, f"connito {command.name} {group}={option}")
+        own = {k: v for k, v in yaml_of(CONFIGS / relative).items() if k not in ("defaults", "hydra")}
+        assert_carries(own, typed, f"connito {command.name} {group}={option}")
         return
     for part in group.split("/"):
         typed = getattr(typed, part)
@@ -122,3 +123,38 @@ def test_model_config_builds_a_model_that_starts_uniform_and_trains_every_parame
 def test_an_unknown_key_is_refused():
     with pytest.raises(Exception, match="Could not override 'train.stepz'"):
         compose_train(["train.stepz=3"])
+
+
+PIPELINES = ("btx", "flexolmo", "groups", "federated", "quickstart")
+PIPELINE_BASE = CONFIGS / "pipeline" / "base.yaml"
+
+
+def dotted(mapping: dict, prefix: str = "") -> dict:
+    """``{"a.b": leaf}`` of a nested mapping."""
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            out.update(dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_each_pipeline_composes_the_shared_settings_of_the_one_base_and_repeats_none(name):
+    base, own = yaml_of(PIPELINE_BASE), yaml_of(CONFIGS / f"{name}.yaml")
+    assert {"pipeline": "base"} in own["defaults"], f"configs/{name}.yaml does not name pipeline: base"
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name=name, return_hydra_config=True)
+    shared = dotted({k: v for k, v in base.items() if k != "defaults"})
+    assert shared, "the base sets nothing"
+    for key, value in shared.items():
+        assert OmegaConf.select(cfg, key) == value, f"connito {name}: {key} is not the base's {value!r}"
+    choices = cfg.hydra.runtime.choices
+    for entry in base["defaults"]:
+        ((group, option),) = entry.items()
+        group = group.removeprefix("override ").removeprefix("/")
+        assert choices[group] == option, f"connito {name}: {group}={choices[group]}, the base chooses {option}"
+    repeated = set(shared) & set(dotted(own))
+    assert not repeated, f"configs/{name}.yaml repeats {sorted(repeated)} of configs/pipeline/base.yaml"
+    assert cfg.run.name and cfg.hydra.job.name, "each pipeline names its own run and job"
