@@ -21,7 +21,6 @@ builds on a deleted checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -31,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from connito.common.atomic import atomic_write_json
+from connito.common.records import read_json_record
 
 JOB_SCHEMA = "connito.job/1"
 FINISHED = ("done", "failed", "lost")
@@ -125,7 +125,8 @@ def read_state(root: Path, job: str) -> JobState:
     path = state_path(root, job)
     if not path.is_file():
         return JobState(job)
-    return JobState.from_dict(json.loads(path.read_text()))
+    fix = f"delete {path} to run job {job} again (rerun=all starts the whole pipeline over)"
+    return JobState.from_dict(read_json_record(path, JOB_SCHEMA, what="job state", fix=fix, error=OrchestrationError))
 
 
 def write_state(root: Path, state: JobState) -> None:

@@ -11,15 +11,16 @@ runner reads its command from here, so a SLURM task and a local process run exac
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from connito.common.atomic import atomic_write_json
+from connito.common.records import check_schema, read_json_record
 from connito.orchestration.jobs import Job, OrchestrationError, Stage
 
 PLAN_SCHEMA = "connito.pipeline/1"
 PLAN_FILE = "pipeline.json"
+PLAN_FIX = "use another run.name, or rerun=all to plan the pipeline again (its jobs' states are discarded)"
 
 
 @dataclass(frozen=True)
@@ -66,17 +67,28 @@ class Plan:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> Plan:
-        if data.get("schema") != PLAN_SCHEMA:
-            raise OrchestrationError(f"not a {PLAN_SCHEMA} plan (schema {data.get('schema')!r})")
+    def from_dict(cls, data: dict, path: str | Path = "the plan") -> Plan:
+        check_schema(
+            data.get("schema"), path, PLAN_SCHEMA, what="pipeline plan", fix=PLAN_FIX, error=OrchestrationError
+        )
         return cls(data["kind"], tuple(Stage.from_dict(s) for s in data["stages"]), data.get("settings", {}))
+
+    @classmethod
+    def load(cls, root: str | Path) -> Plan:
+        """The plan in ``root`` (``<root>/pipeline.json``), its schema and version checked."""
+        path = Path(root) / PLAN_FILE
+        if not path.is_file():
+            raise OrchestrationError(f"{path} does not exist: no pipeline was planned in {root}")
+        record = read_json_record(path, PLAN_SCHEMA, what="pipeline plan", fix=PLAN_FIX, error=OrchestrationError)
+        return cls.from_dict(record, path)
+
+    def save(self, root: str | Path) -> Path:
+        """Write ``<root>/pipeline.json`` atomically."""
+        return atomic_write_json(Path(root) / PLAN_FILE, self.to_dict())
 
 
 def read_plan(root: Path) -> Plan:
-    path = Path(root) / PLAN_FILE
-    if not path.is_file():
-        raise OrchestrationError(f"{path} does not exist: no pipeline was planned in {root}")
-    return Plan.from_dict(json.loads(path.read_text()))
+    return Plan.load(root)
 
 
 def first_difference(old: dict, new: dict, prefix: str = "") -> str | None:
@@ -121,16 +133,16 @@ def write_plan(root: Path, plan: Plan, *, replace: bool = False) -> int | None:
     path = root / PLAN_FILE
     changed = None
     if path.is_file() and not replace:
-        old = json.loads(path.read_text())
+        old = Plan.load(root)
         difference = first_difference(
-            {"kind": old.get("kind"), "settings": old.get("settings", {})},
+            {"kind": old.kind, "settings": old.settings},
             {"kind": plan.kind, "settings": plan.settings},
         )
         if difference is not None:
             raise OrchestrationError(
-                f"{root} holds a {old.get('kind')} pipeline planned with other settings ({difference}). Use another "
+                f"{root} holds a {old.kind} pipeline planned with other settings ({difference}). Use another "
                 "run.name, or rerun=all to discard its jobs' states and start over"
             )
-        changed = first_changed_stage(Plan.from_dict(old), plan)
-    atomic_write_json(path, plan.to_dict())
+        changed = first_changed_stage(old, plan)
+    plan.save(root)
     return changed
