@@ -1,4 +1,5 @@
-"""The package's layers (DESIGN.md, "Shape"): a lower layer never imports a higher one.
+"""The package's layers (DESIGN.md, "Shape"): a lower layer never imports a higher one; and no module of the
+package is longer than 500 lines.
 
 Every module under ``connito/`` and ``kernels/`` (installed as ``connito.kernels``, setup.py) is parsed with
 ``ast``, nothing is imported; every ``import``/``from ... import`` counts wherever it stands (module level, inside a
@@ -171,6 +172,20 @@ def test_layer_table_is_the_one_in_the_package_docstring():
     for package in LAYERS:
         if package:
             assert f"``{package}``" in text, f"connito/__init__.py's layer table does not name {package}"
+
+
+MAX_LINES = 500
+"""Longest module in ``connito/`` and ``kernels/`` (STYLE.md: files of 150-400 lines): split a longer one by
+responsibility."""
+
+
+def test_no_module_is_longer_than_500_lines():
+    long = {
+        str(path.relative_to(ROOT)): lines
+        for path in module_files().values()
+        if (lines := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES
+    }
+    assert not long, f"modules over {MAX_LINES} lines (split them by responsibility): {long}"
 
 
 SOURCE = """
