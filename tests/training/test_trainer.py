@@ -14,7 +14,7 @@ from connito.models import ModelError
 from connito.training.callbacks import Callback, CallbackError
 from connito.training.evaluation import evaluate_by_domain
 from connito.training.trainer import run_training
-from tests.helpers import compose_train, small_overrides
+from tests.helpers import assert_same_final_state, compose_train, small_overrides
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -68,6 +68,7 @@ def test_resume_after_interrupt_gives_a_bit_identical_loss_curve(data_cache, tmp
     expected = straight.model.state_dict()
     for name, value in second.model.state_dict().items():
         assert torch.equal(value, expected[name]), name
+    assert_same_final_state(tmp_path / "straight", tmp_path / "interrupted")  # AdamW state and export too
 
 
 def test_resume_never_refuses_a_run_directory_with_checkpoints(data_cache, tmp_path):
