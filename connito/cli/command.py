@@ -89,12 +89,15 @@ def register_schemas(commands: Sequence[Command]) -> None:
 def hydra_app(command: Command) -> Callable[[], None]:
     """The ``hydra.main`` app of ``command``: compose its config, type it, call ``run`` with the run directory.
 
-    ``DictConfig`` stays here: ``run`` receives the typed dataclass (``OmegaConf.to_object``).
+    ``DictConfig`` stays here: ``run`` receives the typed dataclass (``OmegaConf.to_object``). A user error
+    (:mod:`connito.cli.errors`) raised inside the app ends the process with its one line and exit status 2.
     """
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig, OmegaConf
 
+    from connito.cli.errors import exit_if_user_error
+    from connito.cli.inputs import check_paths
     from connito.cli.logs import quiet_libraries
     from connito.cli.paths import config_dir
 
@@ -107,6 +110,14 @@ def hydra_app(command: Command) -> Callable[[], None]:
 
         register_with_transformers()  # checkpoints of Connito's own model classes load natively in every command
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        return command.run(OmegaConf.to_object(cfg), run_dir)
+        started = False
+        try:
+            typed = OmegaConf.to_object(cfg)
+            check_paths(command.name, typed)  # no output into an input, no overwrite of a folder not Connito's
+            started = True
+            return command.run(typed, run_dir)
+        except Exception as err:
+            exit_if_user_error(err, command.name, started)
+            raise
 
     return app

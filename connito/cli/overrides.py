@@ -24,6 +24,18 @@ def _keys(node: DictConfig, prefix: str = "") -> list[str]:
     return out
 
 
+def _suggestion(key: str, keys: list[str], is_leaf: bool) -> str:
+    """`` Did you mean '<key>'?`` for the option meant, or ``""``. A leaf that exists under another group
+    (``engine.ep_size`` for ``parallel.ep_size``) is that option, whatever the spelling of the group; else the
+    closest spelling."""
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [other for other in keys if other.rsplit(".", 1)[-1] == leaf] if is_leaf else []
+    if same_leaf:
+        return " Did you mean " + " or ".join(f"'{other}'" for other in same_leaf) + "?"
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
 def unknown_key_message(schema, args: list[str], command: str) -> str | None:
     """The error for the first override whose key the typed ``schema`` does not have, else None.
 
@@ -42,8 +54,7 @@ def unknown_key_message(schema, args: list[str], command: str) -> str | None:
                 break  # inside a free-form dict: anything goes
             if part not in node:
                 key = ".".join(parts[: depth + 1])
-                close = difflib.get_close_matches(key, _keys(root), n=1, cutoff=0.6)
-                hint = f" Did you mean '{close[0]}'?" if close else ""
+                hint = _suggestion(key, _keys(root), is_leaf=depth == len(parts) - 1)
                 return (
                     f"connito {command}: '{key}' is not a Connito option.{hint} "
                     f"`connito {command} --cfg job` prints every option with its value."

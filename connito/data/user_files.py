@@ -6,7 +6,11 @@ or the domain at fault and the setting that fixes it.
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import glob
+import json
+import logging
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -45,13 +49,81 @@ def resolve_files(patterns: list[str]) -> list[Path]:
     return found
 
 
+def check_utf8(path: Path, chunk_bytes: int = 1 << 20) -> None:
+    """Refuse a text file (json, jsonl, txt) that is not UTF-8, naming the line and column of the first bad byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with path.open("rb") as f:
+            while chunk := f.read(chunk_bytes):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        pass
+    else:
+        return
+    with path.open("rb") as f:  # only when it is not UTF-8: find the line (no UTF-8 sequence holds a newline byte)
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                byte = line[err.start : err.start + 1].hex()
+                raise DataError(
+                    f"'{path}' line {number} column {err.start + 1}: byte 0x{byte} is not UTF-8 text. Save the file "
+                    f"as UTF-8 (e.g. iconv -f latin1 -t utf-8 '{path.name}' > fixed{path.suffix}), or remove it from "
+                    "data.files"
+                ) from None
+
+
+def json_problem(path: Path) -> str | None:
+    """Where ``path`` (one JSON document, or JSON Lines) is not valid JSON: ``line L column C (<reason>)``, or None."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            json.loads(text)
+            return None
+        except json.JSONDecodeError as whole:
+            if not text.lstrip().startswith("{"):  # one document (a list of rows): the position in it
+                return f"line {whole.lineno} column {whole.colno} ({whole.msg})"
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {number} column {err.colno} ({err.msg})"
+    return None
+
+
+@contextlib.contextmanager
+def _datasets_errors_quiet():
+    """datasets logs a failed file at ERROR before raising; the DataError says it once, with the line."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _load_one(path: Path, cache_dir: Path) -> datasets.Dataset:
     builder = BUILDERS[path.suffix]
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
+    if builder in ("json", "text"):
+        check_utf8(path)
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir), **kwargs)
+        with _datasets_errors_quiet():
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir), **kwargs)
     except Exception as err:  # datasets raises many types for unreadable files
-        raise DataError(f"could not read '{path}' as {builder}: {err}. Fix or remove the file") from err
+        where = json_problem(path) if builder == "json" else None
+        if where is not None:
+            shape = (
+                "one JSON object per line" if path.suffix == ".jsonl" else "one JSON document or one object per line"
+            )
+            raise DataError(
+                f"'{path}' is not valid JSON at {where}. Fix it ({shape}), or remove the file from data.files"
+            ) from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"could not read '{path}' as {builder}: {reason}. Fix or remove the file") from err
     if len(ds) == 0:
         raise DataError(f"file '{path}' has no rows; fill it or remove it from data.files")
     return ds

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from connito.common.errors import UserError
 
-class ModelError(ValueError):
+
+class ModelError(UserError, ValueError):
     """A model configuration or checkpoint Connito cannot use; the message names the fix."""
 
 

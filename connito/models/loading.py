@@ -18,27 +18,64 @@ log = logging.getLogger("connito.models")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
-def validate_checkpoint_dir(path: str | Path) -> dict:
-    """Check that ``path`` is a ``save_pretrained`` directory and return its parsed ``config.json``."""
+def validate_checkpoint_dir(path: str | Path, setting: str = "model.path") -> dict:
+    """Check that ``path`` is a ``save_pretrained`` directory with complete safetensors files and return its parsed
+    ``config.json``; ``setting`` is the option that named it, for the messages."""
     path = Path(path).expanduser()
-    fix = "Point model.path at a directory written by save_pretrained (config.json + *.safetensors)."
+    fix = f"Point {setting} at a directory written by save_pretrained (config.json + *.safetensors)."
     if not path.is_dir():
-        raise ModelError(f"model.path='{path}' does not exist or is not a directory. {fix}")
+        raise ModelError(f"{setting}='{path}' does not exist or is not a directory. {fix}")
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise ModelError(f"model.path='{path}' is not a Hugging Face checkpoint: it has no config.json. {fix}")
+        raise ModelError(f"{setting}='{path}' is not a Hugging Face checkpoint: it has no config.json. {fix}")
     try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ModelError(f"model.path='{path}': config.json is not valid JSON ({err}). {fix}") from None
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(f"{setting}='{path}': config.json is not valid JSON ({err}). {fix}") from None
     if "model_type" not in config:
-        raise ModelError(f"model.path='{path}': config.json has no 'model_type'. {fix}")
+        raise ModelError(f"{setting}='{path}': config.json has no 'model_type'. {fix}")
     if not any((path / name).is_file() for name in WEIGHT_FILES):
         raise ModelError(
-            f"model.path='{path}' has no safetensors weights ({' or '.join(WEIGHT_FILES)}). Connito never "
+            f"{setting}='{path}' has no safetensors weights ({' or '.join(WEIGHT_FILES)}). Connito never "
             f"unpickles weights: re-save the checkpoint with save_pretrained(..., safe_serialization=True). {fix}"
         )
+    check_safetensors_files(path)
     return config
+
+
+def safetensors_problem(file: Path) -> str | None:
+    """What is wrong with the safetensors ``file`` judged by its header and size alone (nothing is loaded), or None:
+    the header must parse and the last tensor must end where the file ends."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"it is {size} bytes long, shorter than a safetensors header"
+        length = int.from_bytes(head, "little")
+        if 8 + length > size:
+            return f"its header claims {length} bytes but the file has {size}: it is truncated"
+        try:
+            header = json.loads(f.read(length).decode("utf-8"))
+            ends = [int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"]
+        except (ValueError, KeyError, TypeError, IndexError):
+            return "its header is not valid safetensors JSON: the file is corrupt"
+    expected = 8 + length + max(ends, default=0)
+    if expected > size:
+        return f"its tensors need {expected} bytes but the file has {size}: it is truncated"
+    if expected < size:
+        return f"it has {size - expected} bytes after its last tensor: it is corrupt"
+    return None
+
+
+def check_safetensors_files(directory: str | Path) -> None:
+    """Refuse a checkpoint directory holding a truncated or corrupt ``*.safetensors`` file, naming the file."""
+    for file in sorted(Path(directory).expanduser().glob("*.safetensors")):
+        problem = safetensors_problem(file)
+        if problem is not None:
+            raise ModelError(
+                f"'{file}' is not a complete safetensors file ({problem}); it was not written or copied completely. "
+                "Copy it again from its source, or save the checkpoint again with save_pretrained"
+            )
 
 
 def tokenizer_token_ids(tokenizer) -> dict[str, int]:

@@ -52,7 +52,7 @@ def test_unknown_command_names_itself():
 
 def test_a_config_key_that_does_not_exist_stops_the_job_and_names_the_key_meant(tmp_path):
     proc = run_cli(["train", "train.stepz=10"], cwd=tmp_path)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "connito train: 'train.stepz' is not a Connito option. Did you mean 'train.steps'?" in proc.stderr
     assert not (tmp_path / "runs").exists()
 
@@ -80,16 +80,21 @@ def test_missing_data_files_stop_before_training(tmp_path):
         ],
         cwd=tmp_path,
     )
-    assert proc.returncode == 1
-    assert "nope.jsonl" in proc.stderr and "DataError" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"connito train: data.files entry '{missing}' matches no file (relative paths resolve against {tmp_path}); "
+        "fix the path or remove the entry\n"
+    )  # the message alone: no traceback, no Hydra hint
     assert not list((tmp_path / "runs").glob("*/checkpoints"))
 
 
 def test_model_path_that_is_not_a_checkpoint_stops_with_the_fix(tmp_path):
     proc = run_cli(["train", f"model.path={tmp_path}", "logging.wandb=false"], cwd=tmp_path)
-    assert proc.returncode == 1
-    assert "is not a Hugging Face checkpoint: it has no config.json" in proc.stderr
-    assert "save_pretrained" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        f"connito train: model.path='{tmp_path}' is not a Hugging Face checkpoint: it has no config.json. Point "
+        "model.path at a directory written by save_pretrained (config.json + *.safetensors).\n"
+    )
 
 
 def test_data_prepare_command(data_cache, tmp_path):

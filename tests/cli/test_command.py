@@ -49,7 +49,7 @@ def probe_command(config_dir: Path, calls: list) -> Command:
 def cli_state(monkeypatch):
     """main() sets sys.argv, the library environment defaults and LOCAL_RANK: undo all after the test."""
     monkeypatch.setattr(sys, "argv", list(sys.argv))
-    for name in (*LIBRARY_ENV_DEFAULTS, "LOCAL_RANK"):
+    for name in (*LIBRARY_ENV_DEFAULTS, "LOCAL_RANK", "HYDRA_FULL_ERROR"):
         monkeypatch.setenv(name, "placeholder")  # records the original value (or its absence) for undo ...
         monkeypatch.delenv(name)  # ... then leaves it unset, as in a fresh shell
 
@@ -111,7 +111,7 @@ def test_a_new_command_appears_in_usage_and_runs_with_its_typed_config(tmp_path,
 
     with pytest.raises(SystemExit) as exit_:
         main(["probe", "it", "tims=3"], commands=table)
-    assert exit_.value.code == 1
+    assert exit_.value.code == 2  # a user error
     assert "connito probe it: 'tims' is not a Connito option. Did you mean 'times'?" in capsys.readouterr().err
     assert len(calls) == 1
 

@@ -21,7 +21,7 @@ class PruneConfig:
     """Its ``analysis.json`` (``connito analyze model_path=<checkpoint>``), or the directory holding it. Empty:
     where ``connito analyze`` writes by default, ``<checkpoint>/analysis`` or, for a run's ``hf`` export,
     ``<run>/analysis``; the analysis must be of this very checkpoint (fingerprint)."""
-    keep: int = 0
+    keep: int | None = None
     """Experts to keep in every MoE layer (required): at least the model's top-k, fewer than it has."""
     score: str = "token"
     """Usage from the analysis: ``token`` (ESFT token-selection ratio: how often the router chose the expert) or
@@ -54,6 +54,29 @@ def default_analysis(checkpoint: Path) -> str:
     return str(checkpoint / "analysis")  # absent: load_analysis says how to make it
 
 
+def check_keep_range(checkpoint: str, keep: int) -> None:
+    """Refuse a ``keep`` outside [top-k, experts per layer - 1] of ``checkpoint``'s config, before any work."""
+    from transformers import AutoConfig
+
+    from connito.models.families import get_family
+    from connito.models.loading import validate_checkpoint_dir
+    from connito.retirement.pruning import PruningError, check_keep
+
+    layout = get_family(validate_checkpoint_dir(checkpoint, setting="checkpoint")["model_type"]).layout
+    if layout is None:
+        return  # a dense model: the pruning refuses it with its own message
+    config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)  # its attribute names, as the view reads
+    num_experts, top_k = getattr(config, layout.num_experts_key, None), getattr(config, layout.top_k_key, None)
+    if not (isinstance(num_experts, int) and isinstance(top_k, int)):
+        return  # an unusual config: the pruning itself checks keep against the model it loads
+    if keep < 1:
+        raise PruningError(
+            f"keep={keep} is not a number of experts to keep: give keep between the model's top-k ({top_k}) and "
+            f"{num_experts - 1} (it has {num_experts} experts per MoE layer)"
+        )
+    check_keep(keep, num_experts, top_k)
+
+
 def run(cfg: PruneConfig, run_dir: Path) -> None:
 
     from connito.analysis.held_out import held_out_batches
@@ -61,12 +84,13 @@ def run(cfg: PruneConfig, run_dir: Path) -> None:
     from connito.models.families import ModelError
     from connito.retirement.pruning import prune_checkpoint  # here, not at the top: `connito --help` stays fast
 
-    missing = [key for key in ("checkpoint", "out") if not getattr(cfg, key)] + ([] if cfg.keep else ["keep"])
+    missing = [key for key in ("checkpoint", "out") if not getattr(cfg, key)] + (["keep"] if cfg.keep is None else [])
     if missing:
         raise ModelError(
             "connito prune needs checkpoint=<dir>, keep=<experts per layer> and out=<dir> (analysis_path=<its "
             f"analysis.json> unless it is <checkpoint>/analysis); missing: {', '.join(missing)}"
         )
+    check_keep_range(cfg.checkpoint, cfg.keep)
     analysis, calibration = None, None
     if cfg.score == "reap":
         workload = list(cfg.domains or cfg.data.domains)

@@ -48,6 +48,36 @@ def parse_experts(items: list[str]):
     return [(int(layer), expert) for layer, expert in parsed]
 
 
+def check_even(checkpoint: str, experts, given: list[str]) -> None:
+    """Refuse, in the command line's terms, ``layer:expert`` ids that take more experts from some MoE layers than
+    from others (a transformers config has one expert count for every layer). The layers are read from the
+    checkpoint's config on the meta device: no weight is loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from connito.experts import ExpertView
+    from connito.models.families import ModelError
+    from connito.models.loading import validate_checkpoint_dir
+
+    if not isinstance(experts, list):
+        return  # '*:expert' items (in_every_layer): the same experts of every layer
+    validate_checkpoint_dir(checkpoint, setting="checkpoint")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint, local_files_only=True))
+    moe_layers = ExpertView(model).moe_layers
+    per_layer = {layer: sorted({expert for at, expert in experts if at == layer}) for layer in moe_layers}
+    if len({len(ids) for ids in per_layer.values()}) > 1:
+        counts = ", ".join(f"layer {layer}: {len(ids)}" for layer, ids in per_layer.items())
+        most = max(per_layer.values(), key=len)
+        every = ",".join(f"{layer}:{expert}" for layer in moe_layers for expert in most)
+        star = ",".join(f"*:{expert}" for expert in most)
+        raise ModelError(
+            f"experts={given} removes different numbers of experts from the MoE layers ({counts}); a checkpoint has "
+            f"one expert count for every layer, so remove as many from each, e.g. 'experts=[{every}]' or "
+            f"'experts=[{star}]' (that expert of every MoE layer)"
+        )
+
+
 def run(cfg: RemoveConfig, run_dir: Path) -> None:
     from connito.models.families import ModelError
     from connito.routing.opt_out import save_without_experts  # here, not at the top: `connito --help`
@@ -58,7 +88,9 @@ def run(cfg: RemoveConfig, run_dir: Path) -> None:
             "connito remove needs checkpoint=<dir>, experts=[layer:expert,...] (or ['*:expert']) and out=<dir>; "
             f"missing: {', '.join([*missing, *([] if cfg.experts else ['experts'])])}"
         )
-    out = save_without_experts(cfg.checkpoint, parse_experts(list(cfg.experts)), cfg.out, overwrite=cfg.overwrite)
+    experts = parse_experts(list(cfg.experts))
+    check_even(cfg.checkpoint, experts, list(cfg.experts))
+    out = save_without_experts(cfg.checkpoint, experts, cfg.out, overwrite=cfg.overwrite)
     (out / "remove_report.md").write_text(removal_report(Path(cfg.checkpoint), out))
     print(f"written:    {out} (report: {out / 'remove_report.md'}; which old expert each new one is: "
           f"{out / 'connito_opt_out.json'})")  # fmt: skip
