@@ -19,6 +19,7 @@ everything the run changed; it writes ``<run>/adapt.json`` and prints the row.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,8 @@ MASK_FILE = "mask.json"
 
 
 def check_adapt(cfg: AdaptConfig) -> Path:
-    """The base checkpoint, once the options are known to make sense (before any work)."""
+    """The base checkpoint (``model.path``, a run directory's ``hf/`` export, or the default base), once the options
+    are known to make sense (before any work); ``cfg`` is not changed."""
     if cfg.method not in METHODS:
         raise ValueError(f"method='{cfg.method}' is not one of {', '.join(METHODS)}")
     from connito.models.default_paths import HINT, default_checkpoint
@@ -45,7 +47,6 @@ def check_adapt(cfg: AdaptConfig) -> Path:
     base = Path(cfg.model.path).expanduser() if given else default_checkpoint()
     if (base / "hf" / "config.json").is_file():  # a connito run directory
         base = base / "hf"
-    cfg.model.path = str(base)
     if not (base / "config.json").is_file():
         hint = "" if given else f" No model.path given: {HINT}, or set model.path=<save_pretrained directory>."
         raise ModelError(f"model.path='{base}' is not a save_pretrained checkpoint (no config.json).{hint}")
@@ -80,6 +81,7 @@ def run_adapt(cfg: AdaptConfig, run_dir: Path) -> AdaptResult:
 
     base = check_adapt(cfg)
     info = init_distributed(cfg.engine.backend)
+    callbacks = copy.deepcopy(cfg.callbacks)
     if cfg.method == "esft":
         mask_path = Path(cfg.esft.mask_file).expanduser() if cfg.esft.mask_file else run_dir / MASK_FILE
         if not cfg.esft.mask_file:
@@ -92,14 +94,16 @@ def run_adapt(cfg: AdaptConfig, run_dir: Path) -> AdaptResult:
         from connito.experts.mask_file import read_mask_file
 
         read_mask_file(mask_path, base)  # another model's mask (fingerprint or shape) stops here, before training
-        cfg.callbacks["trainable"] = {
+        callbacks["trainable"] = {
             "mask_file": str(mask_path),
             "shared_experts": cfg.esft.shared_experts,
             "routers": cfg.esft.routers,
             "modules": list(cfg.esft.modules),
         }
     elif cfg.method == "des_moe":
-        cfg.callbacks.setdefault("des_moe", {})
+        callbacks.setdefault("des_moe", {})
+    # the run's own config, built from the caller's (which is left as it was): the resolved base, the method's callbacks
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(base)), callbacks=callbacks)
     result = run_training(cfg, run_dir)
     outcome = None
     if result.finished:

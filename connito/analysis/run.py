@@ -145,14 +145,15 @@ def run_analysis(cfg: AnalyzeConfig, *, use_model_tokenizer: bool = True, all_ra
             raise ValueError(f"reweighting.export=true cannot be written for this model. {reason}")
     fingerprint = checkpoint_fingerprint(model_path)
 
-    if use_model_tokenizer and not cfg.data.tokenizer_path and has_tokenizer(model_path):
-        cfg.data.tokenizer_path = str(model_path)
+    data = cfg.data  # the caller's config is never changed: a new one where the checkpoint's tokenizer applies
+    if use_model_tokenizer and not data.tokenizer_path and has_tokenizer(model_path):
+        data = dataclasses.replace(data, tokenizer_path=str(model_path))
     if rank == 0:
-        prepared = prepare_data(cfg.data, progress=cfg.progress)
+        prepared = prepare_data(data, progress=cfg.progress)
     if all_ranks:
         barrier()
     if rank != 0:
-        prepared = prepare_data(cfg.data, progress=False)
+        prepared = prepare_data(data, progress=False)
     if len(prepared.load_tokenizer()) > model.config.vocab_size:
         raise ModelError(
             f"the data's tokenizer has more tokens than the model's vocabulary ({model.config.vocab_size}); set "

@@ -41,4 +41,4 @@ def test_connito_adapt_without_model_path_takes_the_default_base_or_names_the_fi
     write(tmp_path / "runs/lifecycle/base/hf", "config.json", 1000)
     cfg = compose_adapt(["method=full"])
     assert check_adapt(cfg) == Path("runs/lifecycle/base/hf")
-    assert cfg.model.path == "runs/lifecycle/base/hf"
+    assert cfg == compose_adapt(["method=full"]), "the caller's config is not changed (the run builds its own)"
