@@ -1,8 +1,10 @@
 """Versioned JSON records: the schema check every ``connito.<kind>/<version>`` reader shares.
 
-Each record kind has one class beside its writer (``connito.analysis/1``: :class:`connito.analysis.AnalysisRecord`;
-``connito.mask/1``: :class:`connito.experts.MaskFile`; ...). Their ``load`` reads the file through
-:func:`read_json_record`, which refuses, with the file, the schema found, the schema expected and the fix:
+Each record kind has one class beside its writer, in the layer that owns the record (``connito.analysis/1``:
+:class:`connito.analysis.record.AnalysisRecord`; ``connito.mask/1``: :class:`connito.experts.mask_file.MaskFile`;
+``connito.pipeline/1``: :class:`connito.orchestration.plan.Plan`; ``connito.job/1``:
+:class:`connito.orchestration.jobs.JobState`). Their ``load`` reads the file through :func:`read_json_record`, which
+refuses, with the file, the schema found, the schema expected and the fix:
 
 * a file that is absent, not UTF-8, not JSON or not a JSON object;
 * a record of another kind (``connito.mask/1`` given where an analysis belongs);
