@@ -1,17 +1,21 @@
 """``connito quickstart``: the lifecycle plan (train, analyze, select, ESFT + prune side by side, report), the
 options it refuses, the guard against a job whose workdir would swallow the pipeline, and (slow) the whole
 lifecycle on small data: one report with every model's held-out loss, a pruned checkpoint of the size asked for,
-the opted-out experts the ones the analysis ranks first."""
+the opted-out experts the ones code's tokens choose most, counted apart from Connito's analysis."""
 
 import json
+from pathlib import Path
 
 import pytest
-from transformers import AutoConfig
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from connito.data import prepare_data
+from connito.data.config import DataConfig
 from connito.orchestration import OrchestrationError
 from connito.orchestration.jobs import Job, Stage
 from connito.orchestration.plan import Plan, write_plan
-from connito.orchestration.quickstart import QuickstartConfig, most_used_experts, plan_quickstart
+from connito.orchestration.quickstart import QuickstartConfig, plan_quickstart
 from tests.orchestration import pipelines
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -63,6 +67,45 @@ def test_a_job_whose_workdir_holds_the_pipeline_is_refused(tmp_path):
     assert not root.exists()
 
 
+def expert_choices_by_router_hooks(root: Path, domain: str) -> tuple[torch.Tensor, int]:
+    """How many of ``domain``'s tokens choose each expert, ``[MoE layer, expert]``, and how many tokens there are,
+    counted without Connito's analysis (no observer, statistics, record or scores): the base checkpoint in plain
+    transformers, a forward pre-hook on every Qwen3-MoE router (``mlp.gate``, an [E, H] weight) taking the hidden
+    states it routes, and ``torch.topk`` of their logits (softmax keeps the order). The tokens are those ``connito
+    analyze`` reads: the pipeline's data prepared with the checkpoint's own tokenizer, ``analysis.tokens`` x domains
+    tokens in rows evenly spread over the train split."""
+    settings = json.loads((root / "report.json").read_text())["settings"]
+    base = root / "base" / "hf"
+    assert (base / "tokenizer.json").is_file()
+    prepared = prepare_data(DataConfig(**{**settings["data"], "tokenizer_path": str(base)}), progress=False)
+    split = prepared.load_split("train")
+    tokens = settings["analysis"]["tokens"] * len(prepared.domains)
+    rows = torch.linspace(0, len(split) - 1, min(len(split), -(-tokens // prepared.seq_len))).round().long().unique()
+    batch = split[rows.tolist()]
+    mine_N = batch["domain_ids"].reshape(-1) == prepared.domains.index(domain)
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    k, num_experts = model.config.num_experts_per_tok, model.config.num_experts
+    routers = [layer.mlp.gate for layer in model.model.layers]
+    counts_LE = torch.zeros(len(routers), num_experts, dtype=torch.long)
+
+    def count(layer: int):
+        def hook(router, args):
+            hidden_NH = args[0].reshape(-1, router.weight.shape[1])
+            chosen_NK = torch.topk(hidden_NH @ router.weight.T, k, dim=-1).indices
+            counts_LE[layer] += torch.bincount(chosen_NK[mine_N].reshape(-1), minlength=num_experts)
+
+        return hook
+
+    handles = [router.register_forward_pre_hook(count(i)) for i, router in enumerate(routers)]
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"])
+    for handle in handles:
+        handle.remove()
+    assert (counts_LE.sum(dim=1) == int(mine_N.sum()) * k).all()
+    return counts_LE, int(mine_N.sum())
+
+
 @pytest.mark.slow
 def test_the_whole_lifecycle_writes_one_report(tmp_path, data_cache):
     extra = ["base.steps=30", "adapt.steps=6", "analysis.tokens=1024", "analysis.driver_tokens=256",
@@ -73,7 +116,11 @@ def test_the_whole_lifecycle_writes_one_report(tmp_path, data_cache):
     report = json.loads((root / "report.json").read_text())
     assert len(report["validation_loss"]) == 4
     assert all(set(row) == {"code", "docs", "prose", "all"} for row in report["validation_loss"].values())
-    assert report["opted_out"] == [list(e) for e in most_used_experts(root / "analysis", "code", 1)]
+    counts_LE, tokens = expert_choices_by_router_hooks(root, "code")
+    assert tokens == json.loads((root / "analysis" / "analysis.json").read_text())["data"]["tokens"]["code"]
+    assert [layer for layer, _ in report["opted_out"]] == list(range(len(counts_LE))), report["opted_out"]
+    for layer, expert in report["opted_out"]:  # one per layer, the most chosen (any of them, were there a tie)
+        assert counts_LE[layer, expert] == counts_LE[layer].max(), (layer, expert, counts_LE[layer].tolist())
     assert AutoConfig.from_pretrained(root / "pruned").num_experts == 2
     text = (root / "report.md").read_text()
     assert "![held-out loss](held_out.png)" in text and (root / "held_out.png").is_file()
