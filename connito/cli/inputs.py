@@ -1,6 +1,9 @@
 """What a command reads and where it writes, by config key, for every command at once: an output that is, is
 inside, or holds an input is refused before anything runs, and so is ``overwrite=true`` on a directory Connito did
 not write (:func:`check_paths`, called by :func:`connito.cli.command.hydra_app` once the config is typed).
+
+A new command's path options need no code here when they use these names; ``tests/cli/test_inputs.py`` fails for a
+path-like option of any command that is in none of :data:`INPUTS`, :data:`OUTPUTS` and :data:`NEITHER`.
 """
 
 from __future__ import annotations
