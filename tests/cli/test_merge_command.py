@@ -80,6 +80,8 @@ def test_bad_input_is_refused_before_anything_is_written(checkpoint, tmp_path):
         run(ExpertMergeConfig(checkpoint=str(path), keep=4, groups=[[0, 1, 2]], out=str(tmp_path / "x")), tmp_path)
     with pytest.raises(ModelError, match="merge down to between top-k"):
         run(ExpertMergeConfig(checkpoint=str(path), keep=1, out=str(tmp_path / "x"), eval_tokens=0), tmp_path)
+    with pytest.raises(ModelError, match=r"^keep=0: merge down to between top-k \(2\) and 7 experts per layer"):
+        run(ExpertMergeConfig(checkpoint=str(path), keep=0, out=str(tmp_path / "x"), eval_tokens=0), tmp_path)
     with pytest.raises(ModelError, match="merging an expert with itself"):
         groups = [[layer, 3, 3] for layer in view.moe_layers]
         run(ExpertMergeConfig(checkpoint=str(path), groups=groups, out=str(tmp_path / "x"), eval_tokens=0), tmp_path)

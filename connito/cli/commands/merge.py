@@ -20,8 +20,9 @@ class ExpertMergeConfig:
 
     checkpoint: str = ""
     """The ``save_pretrained`` MoE checkpoint to merge experts of (required; never modified)."""
-    keep: int = 0
-    """Merge similar experts until every MoE layer has ``keep`` (at least the model's top-k); 0: merge ``groups``."""
+    keep: int | None = None
+    """Merge similar experts until every MoE layer has ``keep`` (at least the model's top-k, fewer than it has);
+    unset: merge ``groups``."""
     groups: list[list[int]] = field(default_factory=list)
     """Explicit groups instead of ``keep``: ``[[layer, expert, expert, ...], ...]``, the first expert of each the slot
     the merged expert takes. Every MoE layer must lose as many experts (one expert count per config)."""
@@ -55,22 +56,23 @@ def run(cfg: ExpertMergeConfig, run_dir: Path) -> None:
     from connito.retirement.merging import merge_checkpoint  # here, not at the top: `connito --help` stays fast
 
     missing = [key for key in ("checkpoint", "out") if not getattr(cfg, key)]
-    if missing or bool(cfg.keep) == bool(cfg.groups):
+    if missing or (cfg.keep is not None) == bool(cfg.groups):
         raise ModelError(
             "connito merge needs checkpoint=<dir>, out=<dir> and either keep=<experts per layer> or "
             "'groups=[[layer,expert,expert],...]' (not both)" + (f"; missing: {', '.join(missing)}" if missing else "")
         )
-    uses_analysis = cfg.frequency == "token" or (cfg.keep and cfg.similarity == "coactivation")
+    uses_analysis = cfg.frequency == "token" or (cfg.keep is not None and cfg.similarity == "coactivation")
     analysis = (cfg.analysis_path or default_analysis(Path(cfg.checkpoint))) if uses_analysis else None
     out, plan = merge_checkpoint(
-        cfg.checkpoint, cfg.out, groups=cfg.groups or None, keep=cfg.keep or None, similarity=cfg.similarity,
+        cfg.checkpoint, cfg.out, groups=cfg.groups or None, keep=cfg.keep, similarity=cfg.similarity,
         frequency=cfg.frequency, analysis_path=analysis, domains=cfg.domains or None, overwrite=cfg.overwrite,
     )  # fmt: skip
     groups = [[g.layer, *g.experts] for g in plan.groups]
     kept = {str(layer): experts for layer, experts in plan.kept.items()}
-    how = f"by {cfg.similarity} similarity" if cfg.keep else "as listed"
+    how = f"by {cfg.similarity} similarity" if cfg.keep is not None else "as listed"
+    similarity = cfg.similarity if cfg.keep is not None else None
     record = {"schema": "connito.merge/1", "checkpoint": str(Path(cfg.checkpoint).resolve()), "keep": cfg.keep,
-              "similarity": cfg.similarity if cfg.keep else None, "frequency": cfg.frequency, "groups": groups,
+              "similarity": similarity, "frequency": cfg.frequency, "groups": groups,
               "shares": [list(g.shares) for g in plan.groups], "kept": kept}  # fmt: skip
     experts_left = len(next(iter(plan.kept.values())))
     text = [f"# Merged to {experts_left} experts per MoE layer ({how}, {cfg.frequency}-weighted)\n",
