@@ -24,7 +24,6 @@ import errno
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +39,12 @@ class UnwritableError(UserError, PermissionError):
 
 
 def _unwritable(path: Path, err: OSError) -> UnwritableError:
-    reason = "a read-only file system" if err.errno == errno.EROFS else "permission denied"
+    if err.errno == errno.EROFS:
+        reason = "a read-only file system"
+    elif err.errno in (errno.EACCES, errno.EPERM):
+        reason = "permission denied"
+    else:
+        reason = (err.strerror or type(err).__name__).lower()
     error = UnwritableError(
         f"cannot write {path} ({reason} in {path.parent}): choose an out= (or output path) in a directory you can "
         f"write to, or make {path.parent} writable"
@@ -70,10 +74,8 @@ def atomic_open(path: str | Path, mode: str = "w", *, encoding: str | None = "ut
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as err:
-        if err.errno in _NOT_WRITABLE:
-            raise _unwritable(path, err) from None
-        raise
+    except OSError as err:  # the directory exists (made above) but takes no new file
+        raise _unwritable(path, err) from None
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:
             yield handle
@@ -108,6 +110,14 @@ def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 1, end
     return Path(path)
 
 
+def _new_dir(out: Path, what: str) -> Path:
+    """A new empty directory beside ``out`` with the usual permissions (0777 less the umask; mkdtemp's 0700 would
+    hide a checkpoint from the other users of a shared file system)."""
+    path = out.with_name(f".{out.name}.{what}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.mkdir(path, 0o777)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_replace_dir(out: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``out``; on a clean exit it replaces ``out`` (whose old contents
@@ -115,16 +125,14 @@ def atomic_replace_dir(out: str | Path) -> Iterator[Path]:
     out = Path(out)
     _make_parent(out)
     try:
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    except OSError as err:
-        if err.errno in _NOT_WRITABLE:
-            raise _unwritable(out, err) from None
-        raise
+        stage = _new_dir(out, "partial")
+    except OSError as err:  # the directory exists (made above) but takes no new entry
+        raise _unwritable(out, err) from None
     try:
         yield stage
         old = None
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = _new_dir(out, "old")
             out.rename(old / out.name)
         try:
             stage.rename(out)

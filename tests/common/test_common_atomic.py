@@ -85,7 +85,7 @@ def test_an_unwritable_parent_directory_is_reported_the_same_way(tmp_path, monke
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
     monkeypatch.setattr(os, "open", refuse)
-    monkeypatch.setattr("tempfile.mkdtemp", lambda prefix, dir: refuse(dir, 0))
+    monkeypatch.setattr(os, "mkdir", lambda path, mode=0o777: refuse(path, 0))
     with pytest.raises(UnwritableError) as caught:
         atomic_write_text(tmp_path / "x.json", "x")
     assert str(caught.value) == (
@@ -111,3 +111,28 @@ def test_atomic_replace_dir_swaps_only_on_success(tmp_path):
         (stage / "new.txt").write_text("new")
     assert [p.name for p in out.iterdir()] == ["new.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask, "the usual permissions, not mkdtemp's 0700"
+
+
+def test_a_directory_that_takes_no_new_entry_names_the_path_and_the_fix(tmp_path, monkeypatch):
+    import errno
+
+    def refuse(path, *args, **kwargs):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+
+    def refuse_temporary(path, mode=0o777):  # like /proc: the directory is there, a new entry is not possible
+        if os.path.basename(path).startswith("."):
+            refuse(path)
+        return mkdir(path, mode)
+
+    mkdir = os.mkdir
+    monkeypatch.setattr(os, "open", refuse)
+    monkeypatch.setattr(os, "mkdir", refuse_temporary)
+    with pytest.raises(UnwritableError) as caught:
+        atomic_write_text(tmp_path / "x.json", "x")
+    assert str(caught.value).startswith(f"cannot write {tmp_path / 'x.json'} (no such file or directory in {tmp_path})")
+    with pytest.raises(UnwritableError, match=r"cannot write .*/model \(no such file or directory in "):
+        with atomic_replace_dir(tmp_path / "model"):
+            pass
