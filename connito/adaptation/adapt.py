@@ -29,6 +29,7 @@ from connito.adaptation.config import METHODS, AdaptConfig
 from connito.models.families import ModelError
 
 if TYPE_CHECKING:
+    from connito.adaptation.outcome import AdaptOutcome
     from connito.training.trainer import TrainResult
 
 log = logging.getLogger("connito.adaptation")
@@ -69,7 +70,7 @@ def check_adapt(cfg: AdaptConfig) -> Path:
 class AdaptResult:
     train: TrainResult
     """The trainer's result (run directory, steps, model, engine)."""
-    outcome: dict | None
+    outcome: AdaptOutcome | None
     """The ``adapt.json`` record: on rank 0 once the run finished, else None."""
 
 

@@ -25,16 +25,76 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from connito.common.atomic import atomic_write_json
+from connito.common.records import read_json_record
 
 log = logging.getLogger("connito.adaptation")
 
 OUTCOME_FILE = "adapt.json"
 SCHEMA = "connito.adaptation/1"
+
+
+class OutcomeError(ValueError):
+    """An ``adapt.json`` Connito cannot read; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class AdaptOutcome:
+    """One ``adapt.json`` (schema ``connito.adaptation/1``): what an adaptation run gained, forgot and cost. The
+    fields are the file's keys, in its order (see the module docstring for what each measures)."""
+
+    method: str
+    base: Mapping[str, str]
+    """``path`` and ``fingerprint`` of the base checkpoint."""
+    adapted_domains: list[str]
+    loss: Mapping[str, Mapping[str, Any]]
+    """Per measured domain: ``tokens``, ``base``, ``adapted``, ``adapted_plain`` (nats)."""
+    router: str
+    gain: float | None
+    forgetting: float | None
+    trainable_params: int
+    total_params: int
+    optimizer_state_bytes: int
+    step_seconds: float | None
+    steps: int
+    delta: Mapping[str, Any] | None
+    """None, or the delta package's ``path`` and ``bytes``."""
+    path: Path | None = field(default=None, compare=False)
+    """Where it was read from (None: measured in this process)."""
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA, **{f.name: getattr(self, f.name) for f in fields(self) if f.name != "path"}}
+
+    @classmethod
+    def from_dict(cls, record: Mapping, path: str | Path | None = None) -> AdaptOutcome:
+        names = [f.name for f in fields(cls) if f.name != "path"]
+        missing = [name for name in names if name not in record]
+        if missing:
+            where = path if path is not None else "the adaptation record"
+            raise OutcomeError(f"{where} lacks {missing}: measure the run again with `connito adapt`")
+        return cls(**{name: record[name] for name in names}, path=None if path is None else Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> AdaptOutcome:
+        """The ``adapt.json`` at ``path`` (the file or its run directory), schema and version checked."""
+        file = Path(path).expanduser()
+        file = file / OUTCOME_FILE if file.is_dir() else file
+        if not file.is_file():
+            raise FileNotFoundError(f"no {OUTCOME_FILE} at {file}: is it a finished `connito adapt` run directory?")
+        fix = "point at the adapt.json of a `connito adapt` run (or its run directory)"
+        return cls.from_dict(read_json_record(file, SCHEMA, what="Connito adaptation record", fix=fix,
+                                              error=OutcomeError), file)  # fmt: skip
+
+    def save(self, path: str | Path) -> Path:
+        """Write the record to ``path`` (a file path) atomically."""
+        return atomic_write_json(Path(path).expanduser(), self.to_dict())
 
 
 def optimizer_state_bytes(engine) -> int:
@@ -147,7 +207,7 @@ def method_label(cfg) -> str:
     return "esft-mask" if cfg.esft.mask_file else f"esft-{cfg.esft.score}"
 
 
-def measure_outcome(cfg, base: Path, result, trainable: int) -> dict:
+def measure_outcome(cfg, base: Path, result, trainable: int) -> AdaptOutcome:
     """Measure the finished run (see the module docstring), write ``adapt.json``, print the row; returns the record."""
     from transformers import AutoModelForCausalLM
 
@@ -197,7 +257,6 @@ def measure_outcome(cfg, base: Path, result, trainable: int) -> dict:
             delta_bytes = sum(f.stat().st_size for f in delta_dir.iterdir() if f.is_file())
 
     record = {
-        "schema": SCHEMA,
         "method": method_label(cfg),
         "base": {"path": str(base), "fingerprint": checkpoint_fingerprint(base)},
         "adapted_domains": wanted,
@@ -212,12 +271,13 @@ def measure_outcome(cfg, base: Path, result, trainable: int) -> dict:
         "steps": result.steps_done,
         "delta": None if delta_dir is None else {"path": str(delta_dir), "bytes": delta_bytes},
     }
-    atomic_write_json(run_dir / OUTCOME_FILE, record)
-    print(outcome_table([record]))
-    return record
+    outcome = AdaptOutcome.from_dict(record)
+    outcome.save(run_dir / OUTCOME_FILE)
+    print(outcome_table([outcome]))
+    return outcome
 
 
-def outcome_table(records: list[dict]) -> str:
+def outcome_table(records: list[AdaptOutcome]) -> str:
     """The markdown table of one or more ``adapt.json`` records (one row each)."""
     lines = [
         "| method | in-domain gain (nats) | forgetting (nats, other domains) | trainable params | optimizer state "
@@ -225,28 +285,18 @@ def outcome_table(records: list[dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in records:
-        share = r["trainable_params"] / r["total_params"]
-        step = f"{r['step_seconds'] * 1000:.0f} ms" if r["step_seconds"] else "-"
-        delta = f"{r['delta']['bytes'] / 2**20:.2f} MiB" if r["delta"] else "none"
-        gain = "-" if r["gain"] is None else f"{r['gain']:+.4f}"
-        forgetting = "-" if r["forgetting"] is None else f"{r['forgetting']:+.4f}"
+        share = r.trainable_params / r.total_params
+        step = f"{r.step_seconds * 1000:.0f} ms" if r.step_seconds else "-"
+        delta = f"{r.delta['bytes'] / 2**20:.2f} MiB" if r.delta else "none"
+        gain = "-" if r.gain is None else f"{r.gain:+.4f}"
+        forgetting = "-" if r.forgetting is None else f"{r.forgetting:+.4f}"
         lines.append(
-            f"| {r['method']} | {gain} | {forgetting} | {r['trainable_params']:,} ({share:.1%}) | "
-            f"{r['optimizer_state_bytes'] / 2**20:.2f} MiB | {step} | {delta} |"
+            f"| {r.method} | {gain} | {forgetting} | {r.trainable_params:,} ({share:.1%}) | "
+            f"{r.optimizer_state_bytes / 2**20:.2f} MiB | {step} | {delta} |"
         )
     return "\n".join(lines)
 
 
-def read_outcomes(paths: list[str | Path]) -> list[dict]:
+def read_outcomes(paths: list[str | Path]) -> list[AdaptOutcome]:
     """The ``adapt.json`` records of run directories (or the files themselves), in the order given."""
-    records = []
-    for path in paths:
-        file = Path(path).expanduser()
-        file = file / OUTCOME_FILE if file.is_dir() else file
-        if not file.is_file():
-            raise FileNotFoundError(f"no {OUTCOME_FILE} at {file}: is it a finished `connito adapt` run directory?")
-        record = json.loads(file.read_text())
-        if record.get("schema") != SCHEMA:
-            raise ValueError(f"{file} is not a {SCHEMA} record (schema {record.get('schema')!r})")
-        records.append(record)
-    return records
+    return [AdaptOutcome.load(path) for path in paths]

@@ -279,13 +279,14 @@ def run_report(root: Path) -> dict:
 
 
 def _markdown(root: Path, settings: dict, rows: dict, columns: list[str], record: dict) -> str:
+    from connito.adaptation.outcome import AdaptOutcome
     from connito.analysis.held_out import losses_table
     from connito.analysis.record import AnalysisRecord
 
     domain, keep = settings["domain"], settings["prune"]["keep"]
-    adapt = json.loads((root / "adapt" / "adapt.json").read_text())
+    adapt = AdaptOutcome.load(root / "adapt")
     base_val = _last_eval(root / "base" / "metrics.jsonl")
-    trained = adapt["trainable_params"] / adapt["total_params"]
+    trained = adapt.trainable_params / adapt.total_params
     analysis = AnalysisRecord.load(root / "analysis").model
     lines = [
         "# The lifecycle of an MoE model, end to end",

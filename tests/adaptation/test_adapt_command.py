@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from connito.adaptation.adapt import check_adapt, run_adapt
+from connito.adaptation.outcome import AdaptOutcome
 from connito.cli.paths import config_dir
 from connito.experts.mask_file import read_mask_file
 from connito.models import ModelError
@@ -61,7 +62,8 @@ def test_esft_trains_the_selected_experts_and_nothing_else(base, data_cache, tmp
     adapted_all = load_file(run_dir / "hf" / "model.safetensors")
     assert all(torch.equal(v, adapted_all[k]) for k, v in others.items())  # routers, attention, embeddings
     record = json.loads((run_dir / "adapt.json").read_text())
-    assert record == result.outcome and record["method"] == "esft-gate"
+    assert record == result.outcome.to_dict() and result.outcome.method == "esft-gate"
+    assert AdaptOutcome.load(run_dir) == result.outcome
     assert record["adapted_domains"] == ["code"] and set(record["loss"]) == {"code", "docs", "prose", "wiki"}
     assert record["trainable_params"] < record["total_params"] / 2 and record["delta"]["bytes"] > 0
 
@@ -81,7 +83,7 @@ def test_full_fine_tuning_moves_every_expert(base, data_cache, tmp_path):
     result = run_adapt(cfg, tmp_path / "full")
     before, after = experts_of(base), experts_of(tmp_path / "full" / "hf")
     assert all(not torch.equal(before[k], after[k]) for k in before)
-    assert result.outcome["trainable_params"] == result.outcome["total_params"]
+    assert result.outcome.trainable_params == result.outcome.total_params
 
 
 def test_bad_options_stop_before_any_work(base, data_cache, tmp_path):
@@ -114,8 +116,8 @@ def test_adapting_to_files_measures_gain_on_their_domain_and_forgetting_on_the_r
     ]  # fmt: skip
     result = run_adapt(compose_adapt(overrides), tmp_path / "files")
     record = result.outcome
-    assert record["adapted_domains"] == ["mail"]
-    assert set(record["loss"]) == {"mail", "code", "docs", "prose", "wiki"}
-    assert record["gain"] == pytest.approx(record["loss"]["mail"]["base"] - record["loss"]["mail"]["adapted"])
-    others = [record["loss"][d]["adapted"] - record["loss"][d]["base"] for d in ("code", "docs", "prose", "wiki")]
-    assert record["forgetting"] == pytest.approx(sum(others) / 4)
+    assert record.adapted_domains == ["mail"]
+    assert set(record.loss) == {"mail", "code", "docs", "prose", "wiki"}
+    assert record.gain == pytest.approx(record.loss["mail"]["base"] - record.loss["mail"]["adapted"])
+    others = [record.loss[d]["adapted"] - record.loss[d]["base"] for d in ("code", "docs", "prose", "wiki")]
+    assert record.forgetting == pytest.approx(sum(others) / 4)

@@ -12,7 +12,7 @@ def run(cfg: AdaptConfig, run_dir: Path) -> float | None:
     result = run_adapt(cfg, run_dir)
     if result.outcome is not None:
         print(f"outcome:    {Path(result.train.run_dir) / 'adapt.json'}")
-        return result.outcome["forgetting"]
+        return result.outcome.forgetting
     return None
 
 
