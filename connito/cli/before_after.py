@@ -4,8 +4,9 @@ checkpoint."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from connito.common.atomic import atomic_write_json
 
 
 def write_before_after_report(
@@ -24,6 +25,6 @@ def write_before_after_report(
         table = losses_table(rows, [*held_out.domains, "all"])
         text += ["", "Held-out loss per domain (nats):", "", table]
         print(table)
-    (out / f"{name}_report.json").write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write_json(out / f"{name}_report.json", record, end="\n")
     (out / f"{name}_report.md").write_text("\n".join(text) + "\n")
     print(f"written:    {out} (report: {out / f'{name}_report.md'})")

@@ -35,6 +35,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from connito.common.atomic import atomic_write_json
 from connito.data.config import DataConfig
 from connito.models.presets import model_preset
 from connito.orchestration.config import LauncherConfig
@@ -349,7 +350,7 @@ def run_report(root: Path) -> dict:
         "validation_loss": rows,
         "settings": settings,
     }
-    (root / "btx_report.json").write_text(json.dumps(record, indent=1))
+    atomic_write_json(root / "btx_report.json", record)
     (root / "btx_report.md").write_text(f"# BTX: held-out loss per domain (nats)\n\n{table}\n")
     print(table)
     return record

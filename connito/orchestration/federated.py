@@ -34,6 +34,7 @@ import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from connito.common.atomic import atomic_write_json
 from connito.data.config import DataConfig
 from connito.orchestration.config import LauncherConfig
 from connito.orchestration.jobs import Stage
@@ -279,7 +280,7 @@ def run_aggregate(root: Path, index: int) -> dict:
         "contributors": out["contributors"],
         "bytes_uploaded": out["bytes"],
     }
-    (target / AGGREGATION).write_text(json.dumps(record, indent=1))
+    atomic_write_json(target / AGGREGATION, record)
     save_file({n: t.contiguous() for n, t in out["global"].items()}, str(target / GLOBAL))  # last: the job's output
     print(f"round {index}: accepted {out['accepted']}, refused {sorted(out['refused'])}, bytes {out['bytes']}")
     return record
@@ -326,7 +327,7 @@ def run_export(root: Path) -> dict:
         "bytes_uploaded_per_round": uploads,
         "settings": settings,
     }
-    (root / f"{REPORT}.json").write_text(json.dumps(record, indent=1))
+    atomic_write_json(root / f"{REPORT}.json", record)
     table = losses_table(rows, [*clients, "all"])
     sizes = "\n".join(f"| {r} | " + " | ".join(str(u.get(c, "refused")) for c in clients) + " |"
                       for r, u in enumerate(uploads))  # fmt: skip

@@ -34,11 +34,11 @@ Owners train with ``model.aux_loss_coef=0`` (top-2 of 2: the load-balancing loss
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from connito.common.atomic import atomic_write_json
 from connito.data.config import DataConfig
 from connito.orchestration.config import LauncherConfig
 from connito.orchestration.jobs import Stage
@@ -332,7 +332,7 @@ def run_report(root: Path) -> dict:
         "opt_out_refused": refused,
         "settings": settings,
     }
-    (root / f"{REPORT}.json").write_text(json.dumps(record, indent=1))
+    atomic_write_json(root / f"{REPORT}.json", record)
     text = f"{table}\n\nOpting an owner out: change of held-out loss vs the merged model (%)\n\n{change_table}\n"
     (root / f"{REPORT}.md").write_text(f"# FlexOLMo: held-out loss per domain (nats)\n\n{text}")
     print(text)

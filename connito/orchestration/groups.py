@@ -42,6 +42,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from connito.common.atomic import atomic_write_json
 from connito.data.config import DataConfig
 from connito.models.presets import model_preset
 from connito.orchestration.config import LauncherConfig
@@ -311,7 +312,7 @@ def run_partition(root: Path) -> dict:
         **selection,
         "groups": {d: {"mask_file": str(paths[d]), "experts": [list(e) for e in m.ids()]} for d, m in groups.items()},
     }
-    (root / "groups" / PARTITION_FILE).write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write_json(root / "groups" / PARTITION_FILE, record, end="\n")
     print(groups_text(groups))
     return record
 
@@ -391,7 +392,7 @@ def run_report(root: Path) -> dict:
         "merge_validation": provenance.get("validation"),
         "settings": settings,
     }
-    (root / f"{REPORT}.json").write_text(json.dumps(record, indent=1))
+    atomic_write_json(root / f"{REPORT}.json", record)
     text = f"{table}\n\nExperts per group: {sizes}.\n"
     (root / f"{REPORT}.md").write_text(f"# Expert groups: held-out loss per domain (nats)\n\n{text}")
     print(text)

@@ -35,6 +35,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from connito.common.atomic import atomic_write_json
 from connito.data.config import DataConfig
 from connito.orchestration.config import LauncherConfig
 from connito.orchestration.jobs import Job, Stage
@@ -272,7 +273,7 @@ def run_report(root: Path) -> dict:
         "pruned_kept": json.loads((root / "pruned" / "prune_report.json").read_text())["kept"],
         "settings": settings,
     }
-    (root / f"{REPORT}.json").write_text(json.dumps(record, indent=1) + "\n")
+    atomic_write_json(root / f"{REPORT}.json", record, end="\n")
     (root / f"{REPORT}.md").write_text(_markdown(root, settings, rows, columns, record))
     print(losses_table(rows, columns))
     return record
