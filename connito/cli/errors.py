@@ -5,7 +5,7 @@ A user error is
 - a ``ValueError`` raised by Connito's own code: Connito raises ``ValueError`` only to refuse bad input, with a
   message naming the fix (a ``ValueError`` raised inside a library is a bug and keeps its traceback);
 - a file or directory the command cannot read or write (an ``OSError`` naming it: missing, no permission,
-  read-only, disk full);
+  read-only, disk full; or one Connito raised with its own message);
 - an override Hydra cannot parse or merge into the typed config (``keep=abc``), before the command starts.
 
 Everything else is a bug: its traceback is printed as Python prints it. ``--traceback`` (anywhere on the command
@@ -77,10 +77,16 @@ def _config_message(err: Exception) -> str | None:
     parts = [str(err)]
     if isinstance(err.__cause__, OmegaConfBaseException):
         parts.append(str(err.__cause__))
-    lines = [line.strip() for part in parts for line in part.splitlines()]
+    text = "\n".join(parts).split("Config search path:")[0]  # Hydra's search path is no help to a user
+    head, _, options = text.partition("Available options in ")
+    lines = [line.strip() for line in head.splitlines()]
     kept = [line for line in lines if line and not line.startswith(("full_key:", "object_type=", "reference_type="))]
-    fix = "`connito <command> --cfg job` prints every option with its value"
-    return "; ".join(dict.fromkeys(kept)) + f". {fix}"
+    message = "; ".join(dict.fromkeys(kept))
+    if options:  # a config group option that does not exist: list the ones that do, on the same line
+        group, _, names = options.partition(":")
+        message += f"; the options of {group} are {', '.join(name.strip() for name in names.split())}"
+        return message
+    return message + ". `connito <command> --cfg job` prints every option with its value"
 
 
 def user_message(err: BaseException, command: str, started: bool) -> str | None:
@@ -93,12 +99,12 @@ def user_message(err: BaseException, command: str, started: bool) -> str | None:
     message: str | None = None
     if isinstance(err, UserError) or (isinstance(err, ValueError) and _raised_in_connito(err.__traceback__)):
         message = str(err)
+    elif isinstance(err, Exception) and not started and (message := _config_message(err)) is not None:
+        message = message.replace("<command>", command)
     elif isinstance(err, OSError):
         message = _os_message(err)
-    elif isinstance(err, Exception) and not started:
-        message = _config_message(err)
-        if message is not None:
-            message = message.replace("<command>", command)
+        if message is None and err.errno is None and _raised_in_connito(err.__traceback__):
+            message = str(err)  # Connito's own FileNotFoundError("no adapt.json at ...: ...")
     if message is None:
         return None
     prefix = f"connito {command}"

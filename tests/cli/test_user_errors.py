@@ -270,3 +270,21 @@ def test_a_data_file_that_is_not_utf8_or_json_is_named_with_line_and_column(
     line = refused(capsys, args)
     assert line == "connito data prepare: " + message.format(path=path.resolve())
     assert path.read_bytes() == content
+
+
+def test_a_config_group_option_that_does_not_exist_lists_those_that_do(cli_state, capsys):
+    from connito.cli.paths import config_dir
+
+    options = sorted(path.stem for path in (Path(config_dir()) / "model").glob("*.yaml"))
+    line = refused(capsys, ["train", "model=nonexistent"])
+    assert line == (
+        "connito train: In 'train': Could not find 'model/nonexistent'; the options of 'model' are "
+        + ", ".join(options)
+    )
+
+
+def test_a_missing_file_connito_names_itself_is_one_line(cli_state, tmp_path, capsys):
+    line = refused(capsys, ["adapt", "report", f"runs=[{tmp_path / 'nope'}]"])
+    assert line == (
+        f"connito adapt report: no adapt.json at {tmp_path / 'nope'}: is it a finished `connito adapt` run directory?"
+    )
