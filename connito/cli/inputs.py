@@ -72,7 +72,7 @@ def _input_paths(command: str, cfg: Any, key: str) -> list[Path]:
         if key == "analysis_path" and path.is_dir():
             path = path / "analysis.json"  # what is read; the directory may hold the outputs (mask files)
         paths.append(path)
-    if key == "analysis_path" and not values[0] and isinstance(config_value(cfg, "checkpoint"), str):
+    if key == "analysis_path" and value == "" and isinstance(config_value(cfg, "checkpoint"), str):
         checkpoint = Path(config_value(cfg, "checkpoint")).expanduser()  # the default: <checkpoint>/analysis
         paths += [candidate / "analysis.json" for candidate in (checkpoint / "analysis", checkpoint.parent / "analysis")
                   if (candidate / "analysis.json").is_file()]  # fmt: skip
