@@ -1,6 +1,7 @@
 """Multi-node launch, tried on one machine as two nodes: two `launch/torchrun_multi_node.sh` processes (c10d
-rendezvous on localhost, one rank each) train exactly what one node with two ranks trains, also with expert
-parallelism across the two nodes; a node that never joins is named when the other gives up."""
+rendezvous on localhost, one rank each) train exactly what one node with two ranks trains (the loss curve, the final
+weights and optimizer state, bit for bit), also with expert parallelism across the two nodes; a node that never
+joins is named when the other gives up."""
 
 import json
 import os
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, clean_env, free_port, small_overrides
+from tests.helpers import REPO, assert_same_final_state, clean_env, free_port, small_overrides
 
 
 def script_env(**extra: str) -> dict[str, str]:
@@ -84,6 +85,7 @@ def test_two_nodes_train_what_one_node_trains(data_cache, tmp_path, ep_size):
     for node in nodes:
         assert node.returncode == 0, node.stderr[-4000:]
     assert curve(tmp_path / "runs" / "two") == reference  # bit for bit: same rows, same reductions
+    assert_same_final_state(tmp_path / "runs" / "one", tmp_path / "runs" / "two")
 
 
 def lone_node(script: str, cwd: Path, present: int, **env: str) -> subprocess.CompletedProcess:
