@@ -129,9 +129,8 @@ def analysis_record(result: AnalysisResult, view, cfg) -> dict:
 
 def write_outputs(result: AnalysisResult, stats, view, cfg) -> None:
     out = result.out_dir
-    out.mkdir(parents=True, exist_ok=True)
     record = analysis_record(result, view, cfg)
-    AnalysisRecord.from_dict(record).save(out / "analysis.json")
+    AnalysisRecord.from_dict(record).save(out / "analysis.json")  # makes out_dir; an unwritable one names the fix
     pictures = draw_pictures(result, out)
     (out / "report.md").write_text(report_markdown(record, pictures))
 
