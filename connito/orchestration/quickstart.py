@@ -234,6 +234,7 @@ def run_report(root: Path) -> dict:
     """The report job: held-out loss per domain of every model of the lifecycle, ``report.md`` / ``.json`` and the
     pictures in ``root``; prints the table."""
     from connito.analysis.held_out import held_out_batches, load_checkpoint, losses_table
+    from connito.experts.mask_file import MaskFile
     from connito.routing.opt_out import OptOut
 
     plan = planned(root, "quickstart")
@@ -244,7 +245,7 @@ def run_report(root: Path) -> dict:
     per_layer = settings["opt_out"]["experts_per_layer"]
     opted_out = most_used_experts(root / "analysis", domain, per_layer)
     held_out = held_out_batches(data, base, eval_tokens=settings["eval_tokens"] * len(data.domains))
-    keep, esft = settings["prune"]["keep"], json.loads((root / "select" / MASK).read_text())
+    keep, esft = settings["prune"]["keep"], MaskFile.load(root / "select" / MASK)
     names = {
         "base": "base",
         "esft": f"ESFT on {domain}",
@@ -269,7 +270,7 @@ def run_report(root: Path) -> dict:
         "domains": held_out.domains,
         "validation_loss": rows,
         "opted_out": [list(e) for e in opted_out],
-        "esft_experts": esft["mask"]["experts"],
+        "esft_experts": esft.mask.to_dict()["experts"],
         "pruned_kept": json.loads((root / "pruned" / "prune_report.json").read_text())["kept"],
         "settings": settings,
     }
