@@ -11,6 +11,8 @@ Layout under ``<run_dir>/checkpoints``::
                             that layout (see :mod:`connito.training.relayout_zero0`)
     latest                  the tag of the newest COMPLETE checkpoint, replaced atomically
 
+DeepSpeed's own files are read only through :mod:`connito.training.deepspeed_internals`.
+
 A kill at any moment leaves ``latest`` naming a complete checkpoint (or absent): the marker is written only
 after a barrier that every rank reaches once its files are on disk, and ``latest`` is swapped in with
 ``os.replace`` after the marker exists.
@@ -29,6 +31,7 @@ import torch.distributed as dist
 
 from connito.common.atomic import atomic_write_text
 from connito.training.collective import barrier
+from connito.training.deepspeed_internals import MODEL_STATES_FILE, read_model_states, restore_frozen_expert_shards
 from connito.training.optimizer_groups import optimizer_param_names, pad_param_groups, restore_groups, snapshot_groups
 from connito.training.run_state import CALLBACK_STATE_FILE, STATE_FILE, TrainState
 
@@ -188,44 +191,14 @@ def load(engine, checkpoint: Path, universal: Path | None = None, relaid=None) -
     return TrainState(**{f.name: record[f.name] for f in fields(TrainState) if f.name in record})
 
 
-def restore_frozen_expert_shards(engine, checkpoint: Path) -> None:
-    """Put back the frozen AutoEP expert shards DeepSpeed 0.19.8 overwrites when it loads a ZeRO-2 checkpoint.
-
-    At ZeRO 2 DeepSpeed saves every parameter its optimizer does not own (``requires_grad=False``) in rank 0's
-    ``frozen_param_fragments`` and, on load, copies those into every rank (``load_module_state_dict``) -- after it
-    loaded the expert shards from their per-expert files. A frozen expert shard of another expert-parallel rank
-    (different experts under the same name) thus becomes a copy of rank 0's. The per-expert files
-    (``layer_<moe layer>_expert_<global id>_mp_rank_00_model_states.pt``, keys ``<block>.experts.w1.<global id>``)
-    hold the right tensors: copy the frozen shards back from them. Trainable shards are not touched (the optimizer's
-    partitions restore them)."""
-    if engine.zero_optimization_stage() != 2:
-        return
-    from connito.parallel import autoep_layers
-
-    for moe_layer, (prefix, layer) in enumerate(autoep_layers(engine.module).items()):
-        frozen = {w: getattr(layer.experts, w) for w in ("w1", "w2", "w3")}
-        frozen = {w: p for w, p in frozen.items() if not p.requires_grad}
-        if not frozen:
-            continue
-        first = layer.ep_rank * layer.num_local_experts
-        for local in range(layer.num_local_experts):
-            path = checkpoint / f"layer_{moe_layer}_expert_{first + local}_mp_rank_00_model_states.pt"
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            with torch.no_grad():
-                for w, param in frozen.items():
-                    param[local].copy_(saved[f"{prefix}.experts.{w}.{first + local}"])
-
-
 def restore_choice_biases(engine, checkpoint: Path) -> None:
     """Put back each router's choice bias (DeepSeek-V3's ``e_score_correction_bias``, a buffer the aux-loss-free
     bias update trains) after a load under another layout. The universal load and Connito's ZeRO-0 re-layout
     restore tensors by name, and the buffer is named after the layout (transformers ``<block>.gate.``, AutoEP
     ``<block>.router.``): take it from the checkpoint's module state by decoder layer instead."""
-    path = checkpoint / "mp_rank_00_model_states.pt"
-    if not path.is_file():
+    if not (checkpoint / MODEL_STATES_FILE).is_file():
         return
-    # DeepSpeed's own file (it holds more than tensors); mmap: only the bias storages are read, not the whole file
-    module = torch.load(path, map_location="cpu", weights_only=False, mmap=True)["module"]
+    module = read_model_states(checkpoint, mmap=True)["module"]  # mmap: only the bias storages are read
     saved = {}
     for key, value in module.items():
         match = re.fullmatch(r".*layers\.(\d+)\..*\.e_score_correction_bias", key)

@@ -72,7 +72,7 @@ layout (lean slots are shaped by it; :func:`connito.training.relayout.require_re
 
 Supported: the torch AdamW (or Adam without weight decay) the trainer builds, fp32, ZeRO 0/1/2, any ``ep_size``.
 Refused with the fix: bf16, ZeRO-3, ZeRO-Offload, coupled (L2) weight decay. Resuming a ZeRO-2 run with frozen
-expert shards under expert parallelism needs :func:`connito.training.checkpointing.restore_frozen_expert_shards`
+expert shards under expert parallelism needs :func:`connito.training.deepspeed_internals.restore_frozen_expert_shards`
 (DeepSpeed 0.19.8 overwrites them with rank 0's); the trainer's checkpoint load calls it.
 
 Shape legend: L decoder layers, E routed experts per MoE layer, R rows of a parameter (its dimension 0).
@@ -89,6 +89,7 @@ from torch import nn
 
 from connito.experts.lean.install import LeanReport, bind_autoep, install, lean_layers
 from connito.training.config import EngineConfig
+from connito.training.deepspeed_internals import inner_optimizer, offloads_optimizer
 from connito.training.trainable_set import (
     GradientMaskError,
     ParamMask,
@@ -182,7 +183,7 @@ def check_engine_config(engine: EngineConfig) -> None:
 def check_engine(engine, inner: torch.optim.Optimizer) -> None:
     """Refuse the engine settings under which the masked update would not be exact."""
     low_precision = engine.bfloat16_enabled() or engine.fp16_enabled()
-    _refuse(engine.zero_optimization_stage(), low_precision, getattr(engine.optimizer, "cpu_offload", False))
+    _refuse(engine.zero_optimization_stage(), low_precision, offloads_optimizer(engine))
     if not isinstance(inner, torch.optim.Adam):
         raise GradientMaskError(f"gradient masks need torch AdamW as the optimizer, got {type(inner).__name__}")
     for group in inner.param_groups:
@@ -203,8 +204,6 @@ class GradientMask:
     :meth:`remove` detaches everything."""
 
     def __init__(self, engine, trainable: TrainableSet):
-        from connito.training.optimizer_groups import inner_optimizer
-
         self.engine = engine
         self.inner = inner_optimizer(engine)
         check_engine(engine, self.inner)

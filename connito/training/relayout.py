@@ -48,19 +48,21 @@ What is refused, before any work, with the fix in the message (:class:`Checkpoin
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
 import re
 import shutil
 from pathlib import Path
 
-import torch
-
 from connito.experts.autoep_mapping import autoep_names, fuse_experts, hf_name, split_experts
 from connito.models.families import MoELayout
 from connito.training.collective import convert_once_on_main
+from connito.training.deepspeed_internals import (
+    UNIVERSAL_STEP_FILE,
+    convert_to_universal,
+    read_universal_state,
+    write_universal_state,
+)
 from connito.training.run_state import Layout, recorded_names
 
 log = logging.getLogger("connito.training")
@@ -154,29 +156,10 @@ def prepare_universal(checkpoint: Path, saved: Layout, current: Layout, layout: 
 
 
 def _convert(checkpoint: Path, target: Path, layout: MoELayout) -> None:
-    from types import SimpleNamespace
-
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
     tmp = checkpoint / f".{UNIVERSAL}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(target, ignore_errors=True)
-    args = SimpleNamespace(
-        input_folder=str(checkpoint),
-        output_folder=str(tmp),
-        num_extract_workers=1,  # no process pool inside a training rank
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=True,  # non-AutoEP checkpoints carry no universal_checkpoint_info
-    )
-    output = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-            ds_to_universal(args)
-    except Exception as exc:
-        raise RuntimeError(f"{exc}\n{output.getvalue()[-3000:]}") from exc
-    (checkpoint / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer to the tmp name
+    convert_to_universal(checkpoint, tmp)
     add_name_aliases(tmp / "zero", layout)
     (tmp / UNIVERSAL_MARKER).write_text("")
     os.replace(tmp, target)
@@ -185,21 +168,11 @@ def _convert(checkpoint: Path, target: Path, layout: MoELayout) -> None:
 # -- AutoEP <-> transformers names in a universal folder ------------------------------------------------------
 
 
-def _load(folder: Path, state: str):
-    path = folder / f"{state}.pt"
-    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
-
-
-def _write(folder: Path, state: str, payload) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(payload, folder / f"{state}.pt")
-
-
 def _copy_step(sources: list[Path], dest: Path) -> None:
     for source in sources:
-        if (source / "step.pt").is_file():
+        if (source / UNIVERSAL_STEP_FILE).is_file():
             dest.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source / "step.pt", dest / "step.pt")
+            shutil.copy2(source / UNIVERSAL_STEP_FILE, dest / UNIVERSAL_STEP_FILE)
             return
 
 
@@ -208,14 +181,10 @@ def _alias(zero: Path, source: str, dest: str) -> None:
     if not (zero / source).is_dir() or (zero / dest).exists():
         return
     for state in STATES:
-        payload = _load(zero / source, state)
-        if payload is not None:
-            _write(zero / dest, state, {"param": payload["param"]} if isinstance(payload, dict) else payload)
+        tensor = read_universal_state(zero / source, state)
+        if tensor is not None:
+            write_universal_state(zero / dest, state, tensor)
     _copy_step([zero / source], zero / dest)
-
-
-def _param(payload) -> torch.Tensor:
-    return payload["param"] if isinstance(payload, dict) else payload
 
 
 def add_name_aliases(zero: Path, layout: MoELayout) -> None:
@@ -223,7 +192,8 @@ def add_name_aliases(zero: Path, layout: MoELayout) -> None:
     the mapping of :mod:`connito.experts.autoep_mapping`.
 
     A folder holds ``fp32.pt`` (and ``exp_avg.pt``, ``exp_avg_sq.pt``, ``step.pt`` where the optimizer holds
-    state); elementwise optimizer states follow the same concatenation as the parameters.
+    state; read and written by :mod:`connito.training.deepspeed_internals`); elementwise optimizer states follow the
+    same concatenation as the parameters.
     """
     names = {p.name for p in zero.iterdir() if p.is_dir()}
 
@@ -237,12 +207,12 @@ def add_name_aliases(zero: Path, layout: MoELayout) -> None:
         targets = {p: f"{block}.{layout.experts_attr}.{p}" for p in ("gate_up_proj", "down_proj")}
         if targets["gate_up_proj"] not in names:
             for state in STATES:
-                parts = {w: _load(folder, state) for w, folder in sources.items()}
+                parts = {w: read_universal_state(folder, state) for w, folder in sources.items()}
                 if any(part is None for part in parts.values()):
                     continue
-                fused = fuse_experts(*(_param(parts[w]) for w in ("w1", "w3", "w2")))
+                fused = fuse_experts(*(parts[w] for w in ("w1", "w3", "w2")))
                 for param, target in targets.items():
-                    _write(zero / target, state, {"param": fused[param]})
+                    write_universal_state(zero / target, state, fused[param])
             _copy_step([sources["w1"], sources["w3"]], zero / targets["gate_up_proj"])
             _copy_step([sources["w2"]], zero / targets["down_proj"])
         # AutoEP also exposes its router under the family's name (``<router>.gate.*``), a duplicate without
@@ -261,13 +231,11 @@ def add_name_aliases(zero: Path, layout: MoELayout) -> None:
         block = match.group(1)
         source_up, source_down = zero / name, zero / f"{block}.{layout.experts_attr}.down_proj"
         for state in STATES:
-            fused, down = _load(source_up, state), _load(source_down, state)
+            fused, down = read_universal_state(source_up, state), read_universal_state(source_down, state)
             if fused is None or down is None:
                 continue
-            fused = _param(fused)
-            for w, tensor in split_experts(fused, _param(down)).items():
-                meta = {"cat_dim": 0, "is_expert_param": True, "ep_num_experts": fused.shape[0]}
-                _write(zero / f"{block}.experts.{w}", state, {"param": tensor.contiguous(), **meta})
+            for w, tensor in split_experts(fused, down).items():
+                write_universal_state(zero / f"{block}.experts.{w}", state, tensor.contiguous(), fused.shape[0])
         for w in ("w1", "w2", "w3"):
             _copy_step([source_up, source_down], zero / f"{block}.experts.{w}")
         experts_prefix = f"{block}.{layout.experts_attr}."

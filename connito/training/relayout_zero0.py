@@ -2,7 +2,7 @@
 
 DeepSpeed's universal checkpoints cannot serve ZeRO 0 (no ZeRO optimizer shards to convert, and a stage-0 engine
 restores nothing from a universal folder), so Connito re-lays these checkpoints itself, reading DeepSpeed's own
-stage-0 files (deepspeed 0.19.8):
+stage-0 files (deepspeed 0.19.8, read through :mod:`connito.training.deepspeed_internals`):
 
 * ``mp_rank_00_model_states.pt``: the non-expert module state (AutoEP names at ep > 1, where the router is stored
   twice, ``router.gate.*`` and its alias ``gate.gate.*``), the LR scheduler, ``global_steps`` / ``global_samples``
@@ -43,7 +43,16 @@ from connito.experts.autoep_mapping import (
 )
 from connito.models.families import MoELayout
 from connito.training.collective import convert_once_on_main
-from connito.training.optimizer_groups import inner_optimizer, restore_groups, snapshot_groups
+from connito.training.deepspeed_internals import (
+    autoep_layer_table,
+    engine_state,
+    inner_optimizer,
+    read_expert_optimizer,
+    read_expert_states,
+    read_model_states,
+    set_engine_counters,
+)
+from connito.training.optimizer_groups import restore_groups, snapshot_groups
 from connito.training.run_state import recorded_names
 
 MARKER = "CONVERTED"
@@ -58,14 +67,15 @@ def folder_for(checkpoint: Path, ep_size: int, world_size: int) -> Path:
 
 
 def _load(path: Path):
+    """A file this module wrote (module and optimizer state, the scheduler's state dict)."""
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def _read_source(checkpoint: Path, names: list[list[str]]):
     """Full tensors under the source layout's names: module state, optimizer state, engine state, AutoEP prefixes."""
-    model = _load(checkpoint / "mp_rank_00_model_states.pt")
+    model = read_model_states(checkpoint)
     module = dict(model["module"])
-    layers = model.get("ds_autoep_layers") or []
+    layers = autoep_layer_table(model)
     blocks = []
     for entry in layers:
         prefix, layer_id, count = entry["module_path"], entry["moe_layer_id"], entry["num_experts"]
@@ -76,16 +86,14 @@ def _read_source(checkpoint: Path, names: list[list[str]]):
             if list(item["experts"]) != expected:
                 raise RuntimeError(f"{prefix}: expert placement {placement} is not contiguous")
         blocks.append(prefix)
-        experts = [_load(checkpoint / f"layer_{layer_id}_expert_{e}_mp_rank_00_model_states.pt") for e in range(count)]
+        experts = [read_expert_states(checkpoint, layer_id, e) for e in range(count)]
         for w in ("w1", "w2", "w3"):
             module[f"{prefix}.experts.{w}"] = torch.stack(
                 [experts[e][f"{prefix}.experts.{w}.{e}"] for e in range(count)]
             )
     if layers:
         ep_size = layers[0]["ep_size"]
-        optimizers = [
-            _load(checkpoint / f"expp_rank_{r}_mp_rank_00_optim_states.pt")["optimizer"] for r in range(ep_size)
-        ]
+        optimizers = [read_expert_optimizer(checkpoint, r) for r in range(ep_size)]
     else:
         optimizers = [model["optimizer"]]
     per_rank = []
@@ -109,8 +117,7 @@ def _read_source(checkpoint: Path, names: list[list[str]]):
             optim[name]["step"] = state["step"]
         else:
             optim[name] = state
-    engine_state = {k: model.get(k) for k in ("lr_scheduler", "global_steps", "global_samples", "skipped_steps")}
-    return module, optim, engine_state, blocks
+    return module, optim, engine_state(model), blocks
 
 
 def _to_hf(tensors: dict, blocks: list[str], layout: MoELayout, hf_names: set[str]) -> dict:
@@ -140,7 +147,7 @@ def _target_blocks(engine) -> tuple[list[str], int, int]:
 
 def _convert(checkpoint: Path, target: Path, engine, hf_names: set[str], layout: MoELayout) -> None:
     names = recorded_names(checkpoint)
-    module, optim, engine_state, source_blocks = _read_source(checkpoint, names)
+    module, optim, counters, source_blocks = _read_source(checkpoint, names)
     hf_params = _to_hf(module, source_blocks, layout, hf_names)
     missing = sorted(hf_names - set(hf_params))
     if missing:
@@ -172,7 +179,7 @@ def _convert(checkpoint: Path, target: Path, engine, hf_names: set[str], layout:
                 continue  # no AdamW state yet (never stepped)
             optimizer[name] = {"step": hf_steps[hf].clone(), **moments}
         torch.save({"module": state, "optimizer": optimizer}, tmp / f"ep_rank_{ep_rank}.pt")
-    torch.save(engine_state, tmp / "engine_state.pt")
+    torch.save(counters, tmp / "engine_state.pt")
     (tmp / MARKER).write_text("")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
@@ -205,10 +212,8 @@ def load(engine, checkpoint: Path, target: Path, hf_names: set[str], layout: MoE
             index += 1
         param_groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": ids})
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
-    engine_state = _load(target / "engine_state.pt")
-    if engine.lr_scheduler is not None and engine_state["lr_scheduler"] is not None:
-        engine.lr_scheduler.load_state_dict(engine_state["lr_scheduler"])
+    saved = _load(target / "engine_state.pt")
+    if engine.lr_scheduler is not None and saved["lr_scheduler"] is not None:
+        engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
     restore_groups(engine, groups)
-    engine.global_steps = engine_state["global_steps"]
-    engine.global_samples = engine_state["global_samples"]
-    engine.skipped_steps = engine_state["skipped_steps"]
+    set_engine_counters(engine, saved)

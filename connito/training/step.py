@@ -7,8 +7,7 @@ Shapes: B micro-batch, T sequence length.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -17,6 +16,7 @@ from connito.data.packed import PackedSplit
 from connito.experts.lean import sync as sync_lean_experts
 from connito.training.batches import StepSampler
 from connito.training.callbacks import LossTerm, MicroBatch, check_loss_value
+from connito.training.deepspeed_internals import skipped_update
 from connito.training.losses import token_cross_entropy
 
 NONFINITE_MODES = ("stop", "skip")
@@ -49,38 +49,6 @@ def describe_nonfinite(flags_RM: torch.Tensor, step: int) -> str:
         for rank, micro in (~torch.isfinite(flags_RM)).nonzero().tolist()
     ]
     return f"non-finite training loss at step {step + 1}: " + "; ".join(where)
-
-
-def skip_supported(optimizer) -> bool:
-    """Whether :func:`skipped_update` knows how to drop this optimizer's step: DeepSpeed's ZeRO-1/2 optimizer (its
-    own overflow path) or a plain torch optimizer (ZeRO 0 in fp32)."""
-    return (hasattr(optimizer, "check_overflow") and hasattr(optimizer, "check_grad_overflow")) or isinstance(
-        optimizer, torch.optim.Optimizer
-    )
-
-
-@contextmanager
-def skipped_update(engine) -> Iterator[None]:
-    """Inside it, the accumulation-boundary ``engine.step()`` applies no update: DeepSpeed takes its overflow path
-    (gradients and reduction buffers dropped, optimizer state and parameters untouched, ``skipped_steps`` + 1, the
-    learning-rate scheduler not stepped)."""
-    optimizer = engine.optimizer
-    if hasattr(optimizer, "check_overflow") and hasattr(optimizer, "check_grad_overflow"):  # ZeRO 1/2
-        saved = optimizer.check_grad_overflow
-        optimizer.check_grad_overflow = True
-        optimizer.check_overflow = lambda *args, **kwargs: setattr(optimizer, "overflow", True)
-        try:
-            yield
-        finally:
-            optimizer.check_grad_overflow = saved
-            del optimizer.check_overflow
-    else:  # a torch optimizer (ZeRO 0, fp32): the engine sets every .grad to None after the (no-op) step
-        optimizer.step = lambda *args, **kwargs: None
-        optimizer.overflow = True
-        try:
-            yield
-        finally:
-            del optimizer.step, optimizer.overflow
 
 
 def micro_batch(split: PackedSplit, sampler: StepSampler, step: int, micro_step: int, device) -> MicroBatch:

@@ -33,12 +33,13 @@ from connito.training.callbacks.balancing import RoutingBalance
 from connito.training.callbacks.builtin import Checkpointer, Evaluator, Exporter, LoadBalancing, MetricsLogger
 from connito.training.config import ConnitoConfig, TrainConfig
 from connito.training.deepspeed_config import connito_clips, validate_engine
+from connito.training.deepspeed_internals import can_skip_update
 from connito.training.distributed import DistInfo, init_distributed
 from connito.training.engine import build_engine
 from connito.training.evaluation import evaluate_by_domain
 from connito.training.metrics import MetricsSink
 from connito.training.run_state import Layout, TrainState, read_layout
-from connito.training.step import NONFINITE_MODES, skip_supported, train_step
+from connito.training.step import NONFINITE_MODES, train_step
 from connito.training.time_slice import TimeSlice, parse_duration, write_status
 
 log = logging.getLogger("connito.training")
@@ -266,7 +267,7 @@ class Trainer:
             engine=self.engine,
             trainer=self,
         )
-        if cfg.train.nonfinite_loss == "skip" and not skip_supported(self.engine.optimizer):
+        if cfg.train.nonfinite_loss == "skip" and not can_skip_update(self.engine.optimizer):
             raise ValueError(
                 f"train.nonfinite_loss=skip cannot drop an update of {type(self.engine.optimizer).__name__} "
                 "(ZeRO 3 or the bf16 optimizer at ZeRO 0): use engine.zero_stage 0 (fp32), 1 or 2, or "

@@ -12,6 +12,7 @@ The optimizer, though, does not always step model parameters:
   in ``param._hp_mapping`` (``lp_fragment_address``: where it starts in the flattened parameter;
   ``hp_fragment_address``: where it starts in the flat partition; the same ``numel``); the mask follows those
   addresses. DeepSpeed relinks them when a checkpoint is loaded, so the mapping is rebuilt after every load.
+  Those private attributes are read in :func:`connito.training.deepspeed_internals.zero_partitions` only.
 
 Ranges are sorted, disjoint, half-open ``(start, stop)`` element offsets into a flattened tensor.
 """
@@ -22,6 +23,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
+
+from connito.training.deepspeed_internals import zero_partitions
 
 Ranges = list[tuple[int, int]]
 
@@ -95,25 +98,20 @@ def optimizer_tensors(
 def _zero_partition_tensors(zero, param_ranges: Mapping[int, Ranges | None]) -> dict[int, OptimizerTensor]:
     """The flat fp32 partitions of a ZeRO-1/2 optimizer, with each held fragment's ranges moved onto them."""
     out = {}
-    for index, lp_params in enumerate(zero.bit16_groups):
-        flat = zero.single_partition_of_fp32_groups[index]
+    for partition in zero_partitions(zero):
         ranges: Ranges = []
         masked = False
-        for lp in lp_params:
-            mapping = getattr(lp, "_hp_mapping", None)
-            if mapping is None:  # no element of it in this rank's partition
-                continue
-            lp_start, hp_start = mapping.lp_fragment_address.start, mapping.hp_fragment_address.start
-            numel = mapping.lp_fragment_address.numel
+        for fragment in partition.fragments:
+            lp = fragment.param
             own = param_ranges.get(id(lp))
             if own is None:
                 own = [(0, lp.numel())]
             elif own != [(0, lp.numel())]:
                 masked = True
-            shift = hp_start - lp_start
+            shift = fragment.hp_start - fragment.lp_start
             for start, stop in own:
-                start, stop = max(start, lp_start), min(stop, lp_start + numel)
+                start, stop = max(start, fragment.lp_start), min(stop, fragment.lp_start + fragment.numel)
                 if start < stop:
                     ranges.append((start + shift, stop + shift))
-        out[id(flat)] = OptimizerTensor(flat, merge_ranges(ranges) if masked else None)
+        out[id(partition.flat)] = OptimizerTensor(partition.flat, merge_ranges(ranges) if masked else None)
     return out
