@@ -1,7 +1,8 @@
 """The deepspeed launcher over several machines, tried on one machine as two nodes: two
 `launch/deepspeed_multi_node.sh` processes in per-node mode (`deepspeed --no_ssh --node_rank N`, a two-host
-hostfile whose names are never resolved, one slot each) train exactly what one node with two ranks trains, also
-with expert parallelism across the two nodes; the required variables are asked for by name."""
+hostfile whose names are never resolved, one slot each) train exactly what one node with two ranks trains (the loss
+curve, the final weights and optimizer state, bit for bit), also with expert parallelism across the two nodes; the
+required variables are asked for by name."""
 
 import os
 import signal
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, free_port
-from tests.launch.test_multinode import curve, lone_node, one_node_reference, script_env
+from tests.helpers import REPO, assert_same_final_state, free_port
+from tests.launch.test_multinode import curve, lone_node, script_env
 
 SCRIPT = str(REPO / "launch" / "deepspeed_multi_node.sh")
 
@@ -56,13 +57,14 @@ def two_nodes(args: list[str], cwd: Path, timeout: float = 300) -> list[subproce
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("ep_size", [1, 2])
-def test_two_deepspeed_nodes_train_what_one_node_trains(data_cache, tmp_path, ep_size):
-    args, reference = one_node_reference(data_cache, tmp_path, ep_size)
-    nodes = two_nodes(["run.name=two", *args], tmp_path)
+def test_two_deepspeed_nodes_train_what_one_node_trains(one_node, tmp_path, ep_size):
+    args, one = one_node(ep_size)
+    nodes = two_nodes(["run.name=two", f"run.root={tmp_path / 'runs'}", *args], tmp_path)
     for node in nodes:
         assert node.returncode == 0, node.stderr[-4000:]
     assert "--node_rank=1" in nodes[1].stderr + nodes[1].stdout  # the per-node mode's local launch, not pdsh
-    assert curve(tmp_path / "runs" / "two") == reference  # bit for bit: same rows, same reductions
+    assert curve(tmp_path / "runs" / "two") == curve(one)  # bit for bit: same rows, same reductions
+    assert_same_final_state(one, tmp_path / "runs" / "two")
 
 
 @pytest.mark.parametrize(

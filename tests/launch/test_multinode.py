@@ -56,36 +56,31 @@ def two_nodes(args: list[str], cwd: Path, timeout: float = 300, **extra: str) ->
     return outs
 
 
-def one_node_reference(data_cache: Path, tmp_path: Path, ep_size: int) -> tuple[list[str], list[dict]]:
-    """The overrides of a 4-step run at ``ep_size``, and the loss curve one node with two ranks trains with them
-    (``<tmp_path>/runs/one``); the multi-node runs go to ``run.name=two``."""
-    args = small_overrides(data_cache) + [
-        "train.steps=4",
-        "train.eval_every=0",
-        "train.export=false",
-        f"parallel.ep_size={ep_size}",
-        f"run.root={tmp_path / 'runs'}",
-    ]
+def one_node_reference(data_cache: Path, root: Path, ep_size: int) -> tuple[list[str], Path]:
+    """The overrides of a 4-step run at ``ep_size`` (run.root and run.name left to the caller), and the run directory
+    of what one node with two ranks trains with them (``<root>/runs/one``). The tests take it from the session's
+    ``one_node`` fixture (tests/conftest.py): one run per ep_size serves both launchers' tests."""
+    args = small_overrides(data_cache) + ["train.steps=4", "train.eval_every=0", "train.export=false",
+                                          f"parallel.ep_size={ep_size}"]  # fmt: skip
     one = subprocess.run(
-        [str(REPO / "launch" / "torchrun_single_node.sh"), "run.name=one", *args],
-        cwd=tmp_path, env=script_env(NPROC="2"), capture_output=True, text=True, timeout=300,
+        [str(REPO / "launch" / "torchrun_single_node.sh"), "run.name=one", f"run.root={root / 'runs'}", *args],
+        cwd=root, env=script_env(NPROC="2"), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert one.returncode == 0, one.stderr[-4000:]
-    reference = curve(tmp_path / "runs" / "one")
-    assert len(reference) == 4
-    return args, reference
+    assert len(curve(root / "runs" / "one")) == 4
+    return args, root / "runs" / "one"
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("ep_size", [1, 2])
-def test_two_nodes_train_what_one_node_trains(data_cache, tmp_path, ep_size):
-    args, reference = one_node_reference(data_cache, tmp_path, ep_size)
-    nodes = two_nodes(["run.name=two", *args], tmp_path)
+def test_two_nodes_train_what_one_node_trains(one_node, tmp_path, ep_size):
+    args, one = one_node(ep_size)
+    nodes = two_nodes(["run.name=two", f"run.root={tmp_path / 'runs'}", *args], tmp_path)
     for node in nodes:
         assert node.returncode == 0, node.stderr[-4000:]
-    assert curve(tmp_path / "runs" / "two") == reference  # bit for bit: same rows, same reductions
-    assert_same_final_state(tmp_path / "runs" / "one", tmp_path / "runs" / "two")
+    assert curve(tmp_path / "runs" / "two") == curve(one)  # bit for bit: same rows, same reductions
+    assert_same_final_state(one, tmp_path / "runs" / "two")
 
 
 def lone_node(script: str, cwd: Path, present: int, **env: str) -> subprocess.CompletedProcess:
