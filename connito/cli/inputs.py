@@ -131,6 +131,25 @@ def check_family(key: str, checkpoint: Path) -> None:
         )
 
 
+def check_writable(out_key: str, value: str, out: Path) -> None:
+    """Refuse, before any work, an output whose directory cannot be written: every writer stages its output beside
+    it (in ``out``'s parent) and renames it into place, so the nearest existing directory above ``out`` must take
+    new entries."""
+    existing = out.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PathError(
+            f"{out_key}='{value}': '{existing}' is a file, not a directory. Choose an {out_key} whose parent "
+            "directories are directories"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PathError(
+            f"{out_key}='{value}': cannot write in '{existing}' (no permission, or a read-only file system). Choose "
+            f"an {out_key} in a directory you can write to, or make '{existing}' writable"
+        )
+
+
 def check_outputs(command: str, cfg: Any) -> None:
     """The output checks of :func:`check_paths`."""
     for out_key in OUTPUTS:
@@ -152,6 +171,7 @@ def check_outputs(command: str, cfg: Any) -> None:
                     f"{out_key}='{value}' {where} {what} ({key}='{config_value(cfg, key) or path}'): Connito never "
                     f"writes into its inputs. Choose {fix}"
                 )
+        check_writable(out_key, value, out)
         if config_value(cfg, "overwrite") is True and out.is_dir() and any(out.iterdir()):
             if not is_connito_output(out):
                 raise PathError(

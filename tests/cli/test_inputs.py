@@ -77,3 +77,18 @@ def test_overwrite_replaces_only_what_connito_wrote(tmp_path):
     assert is_connito_output(out)
     check_paths("x", Probe(out=str(out), overwrite=True))
     assert Path(out / "notes.txt").read_text() == "mine"
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, monkeypatch):
+    import connito.cli.inputs as inputs
+
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(PathError, match=r"^out='.*': '.*a-file' is a file, not a directory\. Choose an out whose"):
+        check_paths("x", Probe(out=str(tmp_path / "a-file" / "deeper" / "out")))
+    monkeypatch.setattr(inputs.os, "access", lambda path, mode: Path(path) != tmp_path)  # as a read-only mount
+    with pytest.raises(PathError) as refused:
+        check_paths("x", Probe(out=str(tmp_path / "new" / "out")))
+    assert str(refused.value) == (
+        f"out='{tmp_path / 'new' / 'out'}': cannot write in '{tmp_path}' (no permission, or a read-only file "
+        f"system). Choose an out in a directory you can write to, or make '{tmp_path}' writable"
+    )
