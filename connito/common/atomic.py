@@ -119,13 +119,22 @@ def _new_dir(out: Path, what: str) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_replace_dir(out: str | Path) -> Iterator[Path]:
+def atomic_replace_dir(out: str | Path, *, stage_name: str | None = None) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``out``; on a clean exit it replaces ``out`` (whose old contents
-    are deleted only once the new directory is in place), on an error it is deleted and ``out`` is untouched."""
+    are deleted only once the new directory is in place), on an error it is deleted and ``out`` is untouched.
+
+    ``stage_name``: a fixed name for the temporary directory, for a writer that is alone by construction (rank 0 of
+    a run): a leftover of a killed attempt under that name is deleted first instead of staying beside ``out``
+    (which matters for a checkpoint's size). Without it the name is unique (writers may race)."""
     out = Path(out)
     _make_parent(out)
     try:
-        stage = _new_dir(out, "partial")
+        if stage_name is None:
+            stage = _new_dir(out, "partial")
+        else:
+            stage = out.with_name(stage_name)
+            shutil.rmtree(stage, ignore_errors=True)
+            os.mkdir(stage, 0o777)
     except OSError as err:  # the directory exists (made above) but takes no new entry
         raise _unwritable(out, err) from None
     try:

@@ -49,11 +49,11 @@ What is refused, before any work, with the fix in the message (:class:`Checkpoin
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
 
+from connito.common.atomic import atomic_replace_dir
 from connito.experts.autoep_mapping import autoep_names, fuse_experts, hf_name, split_experts
 from connito.models.families import MoELayout
 from connito.training.collective import convert_once_on_main
@@ -156,13 +156,10 @@ def prepare_universal(checkpoint: Path, saved: Layout, current: Layout, layout: 
 
 
 def _convert(checkpoint: Path, target: Path, layout: MoELayout) -> None:
-    tmp = checkpoint / f".{UNIVERSAL}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(target, ignore_errors=True)
-    convert_to_universal(checkpoint, tmp)
-    add_name_aliases(tmp / "zero", layout)
-    (tmp / UNIVERSAL_MARKER).write_text("")
-    os.replace(tmp, target)
+    with atomic_replace_dir(target, stage_name=f".{UNIVERSAL}.tmp") as tmp:
+        convert_to_universal(checkpoint, tmp)
+        add_name_aliases(tmp / "zero", layout)
+        (tmp / UNIVERSAL_MARKER).write_text("")
 
 
 # -- AutoEP <-> transformers names in a universal folder ------------------------------------------------------

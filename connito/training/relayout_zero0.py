@@ -26,13 +26,12 @@ scheduler and the engine's step counters: what DeepSpeed's ``load_checkpoint`` r
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from connito.common.atomic import atomic_replace_dir
 from connito.experts.autoep_mapping import (
     AUTOEP_EXPERT_NAME,
     autoep_slice,
@@ -160,29 +159,25 @@ def _convert(checkpoint: Path, target: Path, engine, hf_names: set[str], layout:
     blocks, _, ep_size = _target_blocks(engine)
     target_shapes = {k: tuple(v.shape) for k, v in engine.module.state_dict().items()}
     param_names = [n for n, _ in engine.module.named_parameters()]
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for ep_rank in range(ep_size):
-        state = {}
-        for name, shape in target_shapes.items():
-            tensor = autoep_slice(hf_params, name, blocks, layout, shape[0], ep_rank)
-            if tensor is None or tuple(tensor.shape) != shape:
-                raise RuntimeError(f"cannot rebuild {name} {shape} from the checkpoint")
-            state[name] = tensor
-        optimizer = {}
-        for name in param_names:
-            local = target_shapes[name][0]
-            moments = {k: autoep_slice(hf_moments[k], name, blocks, layout, local, ep_rank) for k in MOMENTS}
-            hf = _step_name(name, blocks, layout)
-            if any(m is None for m in moments.values()) or hf not in hf_steps:
-                continue  # no AdamW state yet (never stepped)
-            optimizer[name] = {"step": hf_steps[hf].clone(), **moments}
-        torch.save({"module": state, "optimizer": optimizer}, tmp / f"ep_rank_{ep_rank}.pt")
-    torch.save(counters, tmp / "engine_state.pt")
-    (tmp / MARKER).write_text("")
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    with atomic_replace_dir(target, stage_name=f".{target.name}.tmp") as tmp:
+        for ep_rank in range(ep_size):
+            state = {}
+            for name, shape in target_shapes.items():
+                tensor = autoep_slice(hf_params, name, blocks, layout, shape[0], ep_rank)
+                if tensor is None or tuple(tensor.shape) != shape:
+                    raise RuntimeError(f"cannot rebuild {name} {shape} from the checkpoint")
+                state[name] = tensor
+            optimizer = {}
+            for name in param_names:
+                local = target_shapes[name][0]
+                moments = {k: autoep_slice(hf_moments[k], name, blocks, layout, local, ep_rank) for k in MOMENTS}
+                hf = _step_name(name, blocks, layout)
+                if any(m is None for m in moments.values()) or hf not in hf_steps:
+                    continue  # no AdamW state yet (never stepped)
+                optimizer[name] = {"step": hf_steps[hf].clone(), **moments}
+            torch.save({"module": state, "optimizer": optimizer}, tmp / f"ep_rank_{ep_rank}.pt")
+        torch.save(counters, tmp / "engine_state.pt")
+        (tmp / MARKER).write_text("")
 
 
 def load(engine, checkpoint: Path, target: Path, hf_names: set[str], layout: MoELayout, is_main: bool) -> None:

@@ -136,3 +136,14 @@ def test_a_directory_that_takes_no_new_entry_names_the_path_and_the_fix(tmp_path
     with pytest.raises(UnwritableError, match=r"cannot write .*/model \(no such file or directory in "):
         with atomic_replace_dir(tmp_path / "model"):
             pass
+
+
+def test_a_fixed_stage_name_clears_a_killed_attempts_leftover(tmp_path):
+    out = tmp_path / "universal"
+    leftover = tmp_path / ".universal.tmp"
+    leftover.mkdir()
+    (leftover / "half.pt").write_text("from a killed conversion")
+    with atomic_replace_dir(out, stage_name=".universal.tmp") as stage:
+        assert stage == leftover and list(stage.iterdir()) == []
+        (stage / "done.pt").write_text("whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["universal"] and (out / "done.pt").read_text() == "whole"
