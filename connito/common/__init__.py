@@ -1,7 +1,12 @@
-"""Layer 0: plain-Python helpers every layer may use (files written atomically, versioned JSON records).
+"""Layer 0: plain-Python helpers every layer may use: files written atomically (:mod:`.atomic`), the schema check of
+versioned JSON records (:mod:`.records`), the base class of errors a user can fix (:mod:`.errors`).
 
-Nothing here imports torch, transformers or any other ``connito`` package, so ``models/``, ``experts/``, ``data/``
-and everything above can share it without an upward import.
+Why a layer of its own: the writers of records and checkpoints sit in every layer, the lowest included (``data/``
+writes its summary, ``experts/`` mask files and delta packages, ``training/`` checkpoints, the methods their
+records). Put in ``models/`` (the lowest existing package), a file helper would make ``data/`` and ``experts/``
+depend on the model families for a temp-file-and-rename; copied into each layer, it drifted (nine copies, some
+without fsync, some leaving a 0700 directory or a raw ``Permission denied`` naming a temp file). Nothing here imports
+torch, transformers or any other ``connito`` package, so every layer can use it without an upward import.
 """
 
 from connito.common.atomic import (
