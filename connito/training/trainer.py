@@ -11,6 +11,7 @@ AutoEP, which keeps every rank reading its own micro-batch (see :mod:`connito.pa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from connito.data import PreparedData, prepare_data
+from connito.data.config import DataConfig
 from connito.data.packed import PackedSplit
 from connito.models.loading import build_model, has_tokenizer, resolve_family, tokenizer_token_ids
 from connito.parallel.expert_parallel import num_routed_experts, validate_expert_parallel
@@ -78,23 +80,25 @@ def validate_train(train: TrainConfig) -> None:
         )
 
 
-def _prepare_data_once(cfg: ConnitoConfig, info: DistInfo) -> PreparedData:
-    """Rank 0 builds the cache (downloads, tokenizer, packing); the others wait, then read it.
+def _prepare_data_once(cfg: ConnitoConfig, info: DistInfo) -> tuple[PreparedData, DataConfig]:
+    """Rank 0 builds the cache (downloads, tokenizer, packing); the others wait, then read it. Returns the data and
+    the data config it was prepared with.
 
     Fine-tuning a checkpoint that ships a tokenizer tokenizes with that tokenizer unless data.tokenizer_path
-    says otherwise.
+    says otherwise (a new data config names it; ``cfg`` is not changed).
     """
-    if cfg.model.path and not cfg.data.tokenizer_path and has_tokenizer(cfg.model.path):
-        cfg.data.tokenizer_path = cfg.model.path
+    data = cfg.data
+    if cfg.model.path and not data.tokenizer_path and has_tokenizer(cfg.model.path):
+        data = dataclasses.replace(data, tokenizer_path=cfg.model.path)
         if info.is_main:
             log.info("tokenizing with the checkpoint's tokenizer (%s)", cfg.model.path)
     if info.is_main:
-        prepared = prepare_data(cfg.data, progress=cfg.logging.progress)
+        prepared = prepare_data(data, progress=cfg.logging.progress)
     if info.world_size > 1:
         dist.barrier()
     if not info.is_main:
-        prepared = prepare_data(cfg.data, progress=False)
-    return prepared
+        prepared = prepare_data(data, progress=False)
+    return prepared, data
 
 
 def _resume_point(cfg: ConnitoConfig, checkpoint_root: Path) -> Path | None:
@@ -226,7 +230,9 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         checkpointing.require_shared(checkpoint_root, resume_from)  # every node the same run directory
 
-        self.prepared = _prepare_data_once(cfg, info)
+        self.prepared, data = _prepare_data_once(cfg, info)
+        if data is not cfg.data:  # the run's own config from here on (the caller's is left as it was)
+            self.cfg = cfg = dataclasses.replace(cfg, data=data)
         self.tokenizer = self.prepared.load_tokenizer()
         self.train_split = PackedSplit.from_dataset(self.prepared.load_split("train"))
         self.val_split = PackedSplit.from_dataset(self.prepared.load_split("validation"))

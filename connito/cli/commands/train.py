@@ -35,7 +35,7 @@ def run(cfg: TrainCommandConfig, run_dir: Path) -> float | None:
         else:
             from connito.analysis.run import analyze_run
 
-            analysis = analyze_run(cfg.analysis, result.run_dir, cfg.data)
+            analysis = analyze_run(cfg.analysis, result.run_dir, result.trainer.cfg.data)  # the data the run read
             print(f"analysis:   {analysis.out_dir / 'report.md'}")
     return result.validation.get("all")  # the value Hydra sweepers optimise
 
