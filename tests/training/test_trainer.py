@@ -91,11 +91,11 @@ def test_fine_tuning_a_local_checkpoint_starts_from_its_weights_and_tokenizer(da
     first = run_training(compose_train(base + ["train.steps=30"]), tmp_path / "pretrain")
     # lr 0: the step changes nothing, so the model must score the validation split exactly as the export did,
     # which holds only if both the weights and the tokenizer (hence the same packed rows) carried over.
-    tuned = run_training(
-        compose_train(base + ["train.steps=1", "optim.lr=0", f"model.path={first.export_dir}", "data.vocab_size=300"]),
-        tmp_path / "finetune",
-    )
+    cfg = compose_train(base + ["train.steps=1", "optim.lr=0", f"model.path={first.export_dir}", "data.vocab_size=300"])
+    tuned = run_training(cfg, tmp_path / "finetune")
     assert tuned.validation == pytest.approx(first.validation, rel=1e-6)
+    assert tuned.trainer.cfg.data.tokenizer_path == str(first.export_dir), "the run's own config names the tokenizer"
+    assert not cfg.data.tokenizer_path, "the caller's config is left as it was"
     assert tuned.validation["all"] < 6.0  # a trained model, not ln(512) = 6.24
     assert len(AutoModelForCausalLM.from_pretrained(tuned.export_dir).get_input_embeddings().weight) == len(
         first.model.get_input_embeddings().weight
