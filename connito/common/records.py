@@ -9,14 +9,21 @@ refuses, with the file, the schema found, the schema expected and the fix:
 * a file that is absent, not UTF-8, not JSON or not a JSON object;
 * a record of another kind (``connito.mask/1`` given where an analysis belongs);
 * a record of the same kind and a newer version (written by a newer Connito: upgrade), or an older one.
+
+:class:`JsonRecord` is the base of the record classes whose fields are the file's top-level keys (the composition
+provenance records, the retirement records): ``load``/``save``/``to_dict`` once, the file's layout kept byte for byte.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
+from typing import Any, ClassVar, Self
 
+from connito.common.atomic import atomic_write_text
 from connito.common.errors import UserError
 
 SCHEMA_PATTERN = re.compile(r"connito\.([A-Za-z0-9_]+)/([0-9]+)")
@@ -68,3 +75,60 @@ def read_json_record(
     check_schema(record.get("schema") if isinstance(record, dict) else None, path, expected, what=what, fix=fix,
                  error=error)  # fmt: skip
     return record
+
+
+@dataclass(frozen=True)
+class JsonRecord:
+    """Base of a record class whose dataclass fields are the file's keys after ``schema``, in the file's order.
+
+    A subclass sets :attr:`SCHEMA`, :attr:`WHAT` (what the error calls it), :attr:`FIX` (how to get a right one),
+    :attr:`INDENT` and :attr:`END` (the file's layout, kept byte for byte); fields named in :attr:`OMIT_IF_NONE`
+    are left out of the file while None (keys only some records of the kind carry). ``path`` (where it was read
+    from) is not a key. :meth:`load` checks the schema and version (:func:`read_json_record`) and that every
+    required key is there; :meth:`save` writes atomically."""
+
+    SCHEMA: ClassVar[str]
+    WHAT: ClassVar[str]
+    FIX: ClassVar[str]
+    INDENT: ClassVar[int | None] = 2
+    END: ClassVar[str] = "\n"
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def _keys(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name != "path"]
+
+    def to_dict(self) -> dict:
+        """The file's JSON object: ``schema``, then the fields in order."""
+        record: dict[str, Any] = {"schema": self.SCHEMA}
+        for key in self._keys():
+            value = getattr(self, key)
+            if not (value is None and key in self.OMIT_IF_NONE):
+                record[key] = value
+        return record
+
+    def dumps(self) -> str:
+        """The file's text."""
+        return json.dumps(self.to_dict(), indent=self.INDENT) + self.END
+
+    @classmethod
+    def from_dict(cls, record: Mapping, path: str | Path | None = None) -> Self:
+        """The record of a parsed JSON object (its schema already checked)."""
+        required = [f.name for f in fields(cls) if f.name != "path" and f.default is MISSING]
+        missing = [key for key in required if key not in record]
+        if missing:
+            raise RecordError(f"{path or f'the {cls.WHAT}'} lacks {missing}: {cls.FIX}")
+        values = {key: record[key] for key in cls._keys() if key in record}
+        if "path" in {f.name for f in fields(cls)}:
+            values["path"] = None if path is None else Path(path)
+        return cls(**values)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        """The record at ``path``, schema and version checked."""
+        path = Path(path).expanduser()
+        return cls.from_dict(read_json_record(path, cls.SCHEMA, what=cls.WHAT, fix=cls.FIX), path)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the record to ``path`` atomically (a reader never sees half a file); returns ``path``."""
+        return atomic_write_text(Path(path).expanduser(), self.dumps())

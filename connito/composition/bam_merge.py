@@ -39,12 +39,13 @@ from transformers.initialization import no_init_weights
 
 from connito.composition.btx_merge import BTXError, branch_mean, build_btx
 from connito.composition.dense_to_moe import given_router_rows, write_checkpoint
+from connito.composition.provenance import BamRecord
 from connito.models.custom.modeling_connito_bam import BAM_CLASSES, BAM_KEYS
 
 log = logging.getLogger("connito.composition")
 
-SCHEMA = "connito.bam/1"
-PROVENANCE_FILE = "connito_bam.json"
+SCHEMA = BamRecord.SCHEMA
+PROVENANCE_FILE = BamRecord.FILE
 SHARED_KV = ("k_proj", "v_proj", "k_norm")
 """What the experts share under key/value sharing."""
 
@@ -121,10 +122,10 @@ def merge_bam(
     model.load_state_dict(state, strict=True)
     model.tie_weights()
 
-    provenance = dict(merged.provenance)
-    provenance.update(
-        schema=SCHEMA,
-        method="BAM upcycling (Zhang et al. 2024): FFN and attention experts from the branches",
+    btx = merged.provenance.to_dict()
+    del btx["schema"]
+    provenance = BamRecord(
+        **{**btx, "method": "BAM upcycling (Zhang et al. 2024): FFN and attention experts from the branches"},
         attention={
             "experts": [f"branch {i}" for i in range(len(branches))],
             "routing": "soft: softmax over all attention experts, every token runs every expert",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import torch
 from transformers.initialization import no_init_weights
 
 from connito.composition.dense_to_moe import DenseCheckpoint, check_branch, write_checkpoint
+from connito.composition.provenance import BtsRecord
 from connito.experts.delta.staging import check_out_dir
 from connito.models.custom.modeling_connito_bts import ConnitoBtsConfig, ConnitoBtsForCausalLM
 from connito.models.families import ModelError
@@ -37,8 +39,8 @@ from connito.models.fingerprint import checkpoint_fingerprint
 
 log = logging.getLogger("connito.composition")
 
-SCHEMA = "connito.bts/1"
-PROVENANCE_FILE = "connito_bts.json"
+SCHEMA = BtsRecord.SCHEMA
+PROVENANCE_FILE = BtsRecord.FILE
 HUBS = ("llama", "qwen3", "qwen2")
 
 
@@ -116,18 +118,17 @@ def stitch_branches(
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
     model.tie_weights()
     fingerprints = [checkpoint_fingerprint(c.path) for c in [hub, *branches]]
-    provenance = {
-        "schema": SCHEMA,
-        "method": "branch-train-stitch (Zhang et al. 2025): frozen hub and branches, trained stitch layers",
-        "hub": {"path": str(seed_dir), "fingerprint": fingerprints[0], "model_type": base["model_type"]},
-        "branches": [
+    provenance = BtsRecord(
+        method="branch-train-stitch (Zhang et al. 2025): frozen hub and branches, trained stitch layers",
+        hub={"path": str(seed_dir), "fingerprint": fingerprints[0], "model_type": base["model_type"]},
+        branches=[
             {"name": n, "path": str(b.path), "fingerprint": f} for n, b, f in zip(names, branches, fingerprints[1:])
         ],
-        "stitch_every": stitch_every,
-        "stitches_after_layers": [(j + 1) * stitch_every - 1 for j in range(len(model.stitches))],
-        "init": f"projections 0 (identity), gates normal(0, {std}), seed {seed}",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+        stitch_every=stitch_every,
+        stitches_after_layers=[(j + 1) * stitch_every - 1 for j in range(len(model.stitches))],
+        init=f"projections 0 (identity), gates normal(0, {std}), seed {seed}",
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     write_checkpoint(model, out, seed_dir, PROVENANCE_FILE, provenance)
     log.info("BTS checkpoint written to %s: hub + %d branches (%s), %d stitches", out, len(names), ", ".join(names),
              len(model.stitches))  # fmt: skip
@@ -171,7 +172,10 @@ def opt_out_branches(path: str | Path, names: Sequence[str], out_dir: str | Path
             state[name] = tensor
     smaller.load_state_dict(state, strict=True)
     smaller.tie_weights()
-    record = json.loads((source / PROVENANCE_FILE).read_text()) if (source / PROVENANCE_FILE).is_file() else {}
-    record["opted_out"] = [*record.get("opted_out", []), *names]
+    if (source / PROVENANCE_FILE).is_file():
+        record = BtsRecord.load(source / PROVENANCE_FILE)
+        record = replace(record, opted_out=[*(record.opted_out or []), *names])
+    else:  # a checkpoint stitched elsewhere: the file says only what was opted out here
+        record = {"opted_out": list(names)}
     write_checkpoint(smaller, out, source, PROVENANCE_FILE, record)
     return out

@@ -83,6 +83,7 @@ from connito.composition.dense_to_moe import (
     target_config,
     write_checkpoint,
 )
+from connito.composition.provenance import BtxRecord
 from connito.experts.autoep_mapping import fuse_experts
 from connito.experts.delta.staging import check_out_dir
 from connito.experts.view import ExpertView
@@ -91,8 +92,8 @@ from connito.models.fingerprint import checkpoint_fingerprint
 
 log = logging.getLogger("connito.composition")
 
-SCHEMA = "connito.btx/1"
-PROVENANCE_FILE = "connito_btx.json"
+SCHEMA = BtxRecord.SCHEMA
+PROVENANCE_FILE = BtxRecord.FILE
 TOP_K = 2
 
 
@@ -213,7 +214,7 @@ class MergedBranches:
     seed: DenseCheckpoint
     branches: list[DenseCheckpoint]
     out: Path
-    provenance: dict
+    provenance: BtxRecord
 
 
 def build_btx(
@@ -274,22 +275,21 @@ def build_btx(
     experts = [f"branch {i}" for i in range(len(branches))] + (["seed (generalist)"] if generalist else [])
     if chunks > 1:
         experts = [f"{source}, chunk {c} of {chunks}" for source in experts for c in range(chunks)]
-    provenance = {
-        "schema": SCHEMA,
-        "method": "branch-train-mix merge (Sukhbaatar et al. 2024)",
-        "seed": {"path": str(seed_dir), "fingerprint": fingerprints[0], "model_type": config["model_type"]},
-        "branches": [{"path": str(b.path), "fingerprint": f} for b, f in zip(branches, fingerprints[1:])],
-        "options": asdict(options),
-        "experts": experts,
-        "shared_expert": "seed FFN, gate weight 0 (scale 0.5)" if options.family == "qwen2_moe" else None,
-        "router": {
+    provenance = BtxRecord(
+        method="branch-train-mix merge (Sukhbaatar et al. 2024)",
+        seed={"path": str(seed_dir), "fingerprint": fingerprints[0], "model_type": config["model_type"]},
+        branches=[{"path": str(b.path), "fingerprint": f} for b, f in zip(branches, fingerprints[1:])],
+        options=asdict(options),
+        experts=experts,
+        shared_expert="seed FFN, gate weight 0 (scale 0.5)" if options.family == "qwen2_moe" else None,
+        router={
             "top_k": top_k,
             "norm_topk_prob": True,
             "aux_loss_coef": ROUTER_AUX_LOSS_COEF,
             "init": "given tensor" if given else f"normal(0, {std}), seed {seed}",
         },
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     return MergedBranches(model, base, branches, out, provenance)
 
 
@@ -300,5 +300,5 @@ def merge_branches(seed_path: str | Path, branch_paths: Sequence[str | Path], ou
     ``overwrite``; see the module docstring for what each expert and tensor becomes and what is refused."""
     merged = build_btx(seed_path, branch_paths, out_dir, **options)
     write_checkpoint(merged.model, merged.out, merged.seed.path, PROVENANCE_FILE, merged.provenance)
-    log.info("BTX checkpoint written to %s (%s)", merged.out, ", ".join(merged.provenance["experts"]))
+    log.info("BTX checkpoint written to %s (%s)", merged.out, ", ".join(merged.provenance.experts))
     return merged.out

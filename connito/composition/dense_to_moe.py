@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -23,6 +24,8 @@ from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
+from connito.common.atomic import atomic_write_text
+from connito.common.records import JsonRecord
 from connito.experts.delta.manifest import file_sha256
 from connito.experts.delta.staging import TOKENIZER_FILES, copy_tokenizer_files, staged_dir
 from connito.experts.view import ExpertView
@@ -245,15 +248,21 @@ def build_moe(
     return model.eval()
 
 
-def write_checkpoint(model: PreTrainedModel, out: Path, seed_dir: Path, provenance_file: str, provenance: dict) -> None:
+def write_checkpoint(
+    model: PreTrainedModel, out: Path, seed_dir: Path, provenance_file: str, provenance: JsonRecord | Mapping
+) -> None:
     """``model`` as a ``save_pretrained`` directory at ``out`` (written aside and renamed into place), with the
-    seed's tokenizer files and generation config and ``provenance`` as JSON in ``provenance_file``."""
+    seed's tokenizer files and generation config and ``provenance`` (a record of
+    :mod:`connito.composition.provenance`, or a plain mapping) as JSON in ``provenance_file``."""
     with staged_dir(out) as stage:
         model.save_pretrained(stage, safe_serialization=True)
         copy_tokenizer_files(seed_dir, stage)
         if (seed_dir / "generation_config.json").is_file():
             shutil.copy2(seed_dir / "generation_config.json", stage / "generation_config.json")
-        (stage / provenance_file).write_text(json.dumps(provenance, indent=2) + "\n")
+        if isinstance(provenance, JsonRecord):
+            provenance.save(stage / provenance_file)
+        else:
+            atomic_write_text(stage / provenance_file, json.dumps(dict(provenance), indent=2) + "\n")
 
 
 def check_branch(seed: DenseCheckpoint, branch: DenseCheckpoint, error: type[ModelError]) -> None:

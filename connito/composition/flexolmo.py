@@ -66,7 +66,6 @@ size, I dense FFN width.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
@@ -86,6 +85,7 @@ from connito.composition.dense_to_moe import (
     tokenizer_files,
     write_checkpoint,
 )
+from connito.composition.provenance import FlexOlmoRecord
 from connito.experts.autoep_mapping import fuse_experts
 from connito.experts.delta.manifest import file_sha256
 from connito.experts.delta.staging import check_out_dir
@@ -95,8 +95,8 @@ from connito.models.fingerprint import checkpoint_fingerprint
 
 log = logging.getLogger("connito.composition")
 
-SCHEMA = "connito.flexolmo/1"
-PROVENANCE_FILE = "connito_flexolmo.json"
+SCHEMA = FlexOlmoRecord.SCHEMA
+PROVENANCE_FILE = FlexOlmoRecord.FILE
 FAMILIES = {"llama": "mixtral", "qwen3": "qwen3_moe"}
 PUBLIC_ROUTER_SEED = 20250
 """Seed of the generator the public router row is drawn from when no ``router_rows`` are given (one for all
@@ -192,17 +192,16 @@ def owner_start(
     view = ExpertView(model)
     for layer in view.moe_layers:
         view.write_router_rows(layer, [0, 1], rows_LEH[layer])
-    provenance = {
-        "schema": SCHEMA,
-        "role": "owner_start",
-        "method": "FlexOlmo (Shi et al. 2025): a data owner's start",
-        "public": _public_record(public_dir, config),
-        "family": family,
-        "experts": ["public FFN (frozen)", "owner (starts as a copy of the public FFN)"],
-        "router": {"top_k": OWNER_TOP_K, "init": init, "public_rows_sha256": _rows_sha256(rows_LEH[:, 0])},
-        "train": {"experts": [[layer, 1] for layer in range(layers)], "router_rows": True},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    provenance = FlexOlmoRecord(
+        role="owner_start",
+        method="FlexOlmo (Shi et al. 2025): a data owner's start",
+        public=_public_record(public_dir, config),
+        family=family,
+        experts=["public FFN (frozen)", "owner (starts as a copy of the public FFN)"],
+        router={"top_k": OWNER_TOP_K, "init": init, "public_rows_sha256": _rows_sha256(rows_LEH[:, 0])},
+        train={"experts": [[layer, 1] for layer in range(layers)], "router_rows": True},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     log.info("FlexOlmo owner start: %s -> %s (%s, 2 experts)", public_dir, out_dir, family)
     write_checkpoint(model, out_dir, public_dir, PROVENANCE_FILE, provenance)
     return out_dir
@@ -229,21 +228,22 @@ def _owner_list(owners: Mapping[str, str | Path] | Iterable[tuple[str, str | Pat
     return out
 
 
-def _check_owner_files(name: str, path: Path, public: DenseCheckpoint, public_fingerprint: str, expected: dict) -> dict:
-    """Provenance, config and tokenizer of one owner; returns its provenance ({} when it has none)."""
+def _check_owner_files(
+    name: str, path: Path, public: DenseCheckpoint, public_fingerprint: str, expected: dict
+) -> FlexOlmoRecord | None:
+    """Provenance, config and tokenizer of one owner; returns its provenance (None when it has none)."""
     fix = "Every owner starts from owner_start of this very public checkpoint and trains expert 1 and router row 1"
-    record: dict = {}
+    record: FlexOlmoRecord | None = None
     if (path / PROVENANCE_FILE).is_file():
-        record = json.loads((path / PROVENANCE_FILE).read_text())
-        if record.get("role") != "owner_start":
+        record = FlexOlmoRecord.load(path / PROVENANCE_FILE)
+        if record.role != "owner_start":
             raise FlexOlmoError(
-                f"owner '{name}' ('{path}'): {PROVENANCE_FILE} says role {record.get('role')!r}, not "
-                f"'owner_start'. {fix}"
+                f"owner '{name}' ('{path}'): {PROVENANCE_FILE} says role {record.role!r}, not 'owner_start'. {fix}"
             )
-        theirs = record.get("public", {}).get("fingerprint")
+        theirs = record.public.get("fingerprint")
         if theirs != public_fingerprint:
             raise FlexOlmoError(
-                f"owner '{name}' ('{path}') started from another public checkpoint ('{record['public'].get('path')}', "
+                f"owner '{name}' ('{path}') started from another public checkpoint ('{record.public.get('path')}', "
                 f"fingerprint {str(theirs)[:19]}...), not '{public.path}' ({public_fingerprint[:19]}...). {fix}"
             )
     else:
@@ -352,7 +352,7 @@ def merge_owners(
         owner = _load_owner(name, path, dtype)
         view = ExpertView(owner)
         rows_LEH = torch.stack([view.read_router(layer) for layer in range(layers)])
-        recorded = record.get("router", {}).get("public_rows_sha256")
+        recorded = None if record is None else record.router.get("public_rows_sha256")
         if recorded is not None and _rows_sha256(rows_LEH[:, 0]) != recorded:
             raise FlexOlmoError(
                 f"owner '{name}' ('{path}'): router row 0 (the public row) is not the one owner_start wrote (sha256 "
@@ -382,18 +382,17 @@ def merge_owners(
     routers_LEH = torch.stack([public_rows_LH, *owner_rows], dim=1).to(dtype)
     for layer in merged.moe_layers:
         merged.write_router_rows(layer, list(range(num_experts)), routers_LEH[layer])
-    provenance = {
-        "schema": SCHEMA,
-        "role": "merged",
-        "method": "FlexOlmo (Shi et al. 2025): owners' experts merged against the public model",
-        "public": public_record,
-        "family": family,
-        "public_expert": 0,
-        "owners": records,
-        "experts": ["public", *records],
-        "router": {"top_k": chosen, "rows": "public row (as in every owner), then each owner's trained row"},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    provenance = FlexOlmoRecord(
+        role="merged",
+        method="FlexOlmo (Shi et al. 2025): owners' experts merged against the public model",
+        public=public_record,
+        family=family,
+        public_expert=0,
+        owners=records,
+        experts=["public", *records],
+        router={"top_k": chosen, "rows": "public row (as in every owner), then each owner's trained row"},
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     write_checkpoint(model, out_dir, public_dir, PROVENANCE_FILE, provenance)
     log.info("FlexOlmo checkpoint written to %s: public + %s, top-%d", out_dir, ", ".join(records), chosen)
     return out_dir
@@ -406,12 +405,10 @@ def owner_experts(merged_dir: str | Path, names: str | Iterable[str]) -> list[in
     file = path / PROVENANCE_FILE
     if not file.is_file():
         raise FlexOlmoError(f"'{path}' has no {PROVENANCE_FILE}: not a checkpoint merge_owners wrote")
-    record = json.loads(file.read_text())
-    if record.get("role") != "merged":
-        raise FlexOlmoError(
-            f"'{path}' is a FlexOlmo {record.get('role')!r} checkpoint, not a merged one: it has no owners"
-        )
-    known = record["owners"]
+    record = FlexOlmoRecord.load(file)
+    if record.role != "merged" or record.owners is None:
+        raise FlexOlmoError(f"'{path}' is a FlexOlmo {record.role!r} checkpoint, not a merged one: it has no owners")
+    known = record.owners
     names = [names] if isinstance(names, str) else list(names)
     unknown = [n for n in names if n not in known]
     if unknown:

@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from connito.common.atomic import atomic_write_json
+from connito.composition.provenance import GroupsRecord
 from connito.data.config import DataConfig
 from connito.models.presets import model_preset
 from connito.orchestration.config import LauncherConfig
@@ -381,7 +382,7 @@ def run_report(root: Path) -> dict:
         log.info("%s: %s", name, ", ".join(f"{k} {v:.3f}" for k, v in rows[name].items()))
     table = losses_table(rows, [*held_out.domains, "all"])
     partition = json.loads((root / "groups" / PARTITION_FILE).read_text())
-    provenance = json.loads((root / "merged" / "connito_groups.json").read_text())
+    provenance = GroupsRecord.load(root / "merged")
     sizes = ", ".join(f"{d} {len(g['experts'])}" for d, g in partition["groups"].items())
     record = {
         "schema": "connito.groups_report/1",
@@ -389,7 +390,7 @@ def run_report(root: Path) -> dict:
         "models": {k: str(v) for k, v in models.items()},
         "validation_loss": rows,
         "groups": {d: g["experts"] for d, g in partition["groups"].items()},
-        "merge_validation": provenance.get("validation"),
+        "merge_validation": provenance.validation,
         "settings": settings,
     }
     atomic_write_json(root / f"{REPORT}.json", record)

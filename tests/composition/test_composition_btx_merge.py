@@ -220,6 +220,7 @@ def test_router_rows_given_or_seeded(tmp_path, merged):
 def test_provenance_and_tokenizer_files(merged):
     seed, branches, out = merged("llama")
     provenance = json.loads((out / PROVENANCE_FILE).read_text())
+    assert (out / PROVENANCE_FILE).read_text() == json.dumps(provenance, indent=2) + "\n"  # the format of before
     assert provenance["seed"] == {"path": str(seed), "fingerprint": checkpoint_fingerprint(seed), "model_type": "llama"}
     assert provenance["branches"] == [{"path": str(b), "fingerprint": checkpoint_fingerprint(b)} for b in branches]
     assert provenance["options"] == {

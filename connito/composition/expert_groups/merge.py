@@ -45,10 +45,9 @@ experts per MoE layer.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -56,6 +55,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from connito.composition.btx_merge import branch_mean
+from connito.composition.provenance import GroupsRecord
 from connito.experts import ExpertId, ExpertMask, ExpertView
 from connito.experts.delta import Delta, load_delta, read_manifest
 from connito.experts.delta.apply import checked_tensors, write_tensors
@@ -67,8 +67,8 @@ from connito.models.loading import validate_checkpoint_dir
 
 log = logging.getLogger("connito.composition")
 
-SCHEMA = "connito.groups/1"
-PROVENANCE_FILE = "connito_groups.json"
+SCHEMA = GroupsRecord.SCHEMA
+PROVENANCE_FILE = GroupsRecord.FILE
 MERGE_OVERLAPS = ("refuse", "average", "first")
 SHOWN = 4
 """Overlapping experts or modules named per pair of packages in an error."""
@@ -154,11 +154,10 @@ def merge_groups(
     write_tensors(model, experts, modules, "the merged expert groups")
     view = ExpertView(model)
     groups = {name: _mask(view, c.experts) for name, c in changes.items()}
-    record = {
-        "schema": SCHEMA,
-        "method": "expert groups: disjoint experts of one base trained as separate jobs, merged onto it",
-        "base": {"path": str(base_dir), "fingerprint": fingerprint, "model_type": base_config["model_type"]},
-        "packages": {
+    record = GroupsRecord(
+        method="expert groups: disjoint experts of one base trained as separate jobs, merged onto it",
+        base={"path": str(base_dir), "fingerprint": fingerprint, "model_type": base_config["model_type"]},
+        packages={
             name: {
                 "path": str(dirs[name]),
                 "manifest_sha256": file_sha256(dirs[name] / MANIFEST_FILE),
@@ -174,22 +173,22 @@ def merge_groups(
             }
             for name in dirs
         },
-        "overlap": overlap,
-        "overlaps": overlaps,
-        "dtype": next(iter(dtypes.values())),
-        "validation": None,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+        overlap=overlap,
+        overlaps=overlaps,
+        dtype=next(iter(dtypes.values())),
+        validation=None,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
     with staged_dir(out_dir) as stage:
         model.save_pretrained(stage, safe_serialization=True)
         copy_tokenizer_files(base_dir, stage)
         if validate is not None:
             result = validate(stage)
-            record["validation"] = None if result is None else dict(result)
-        (stage / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            record = replace(record, validation=None if result is None else dict(result))
+        record.save(stage / PROVENANCE_FILE)
     log.info("%d expert groups (%s) merged onto %s into %s", len(dirs), ", ".join(dirs), base_dir, out_dir)
     modules_of = {name: sorted(c.modules) for name, c in changes.items()}
-    return GroupMerge(out_dir, fingerprint, groups, modules_of, overlap, overlaps, record["validation"], record)
+    return GroupMerge(out_dir, fingerprint, groups, modules_of, overlap, overlaps, record.validation, record.to_dict())
 
 
 def package_changes(model: torch.nn.Module, delta: Delta) -> Changes:
