@@ -8,6 +8,9 @@ A user error is
   read-only, disk full; or one Connito raised with its own message);
 - an override Hydra cannot parse or merge into the typed config (``keep=abc``), before the command starts.
 
+A :class:`connito.common.errors.ReportedFailure` (a pipeline whose job failed: which one, its log, how to run only
+the unfinished jobs) is neither: its message is printed alone and the command exits with status 1.
+
 Everything else is a bug: its traceback is printed as Python prints it. ``--traceback`` (anywhere on the command
 line) or ``CONNITO_TRACEBACK=1`` prints the traceback of user errors too.
 """
@@ -22,6 +25,8 @@ from types import TracebackType
 
 EXIT_USER_ERROR = 2
 """The exit status of a user error (as for a wrong command line); a bug exits 1."""
+EXIT_FAILURE = 1
+"""The exit status of a :class:`~connito.common.errors.ReportedFailure` (as of a bug, but without a traceback)."""
 
 TRACEBACK_FLAG = "--traceback"
 TRACEBACK_ENV = "CONNITO_TRACEBACK"
@@ -112,11 +117,18 @@ def user_message(err: BaseException, command: str, started: bool) -> str | None:
 
 
 def exit_if_user_error(err: BaseException, command: str, started: bool) -> None:
-    """Print ``err``'s line and exit with :data:`EXIT_USER_ERROR` when it is a user error (and no traceback was
-    asked for); return otherwise (the caller re-raises)."""
+    """Print ``err``'s line and exit with :data:`EXIT_USER_ERROR` when it is a user error, or its message and exit
+    with :data:`EXIT_FAILURE` when it is a :class:`~connito.common.errors.ReportedFailure` (in both cases only when
+    no traceback was asked for); return otherwise (the caller re-raises)."""
+    from connito.common.errors import ReportedFailure
+
     if wants_traceback():
         return
     line = user_message(err, command, started)
     if line is not None:
         print(line, file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    if isinstance(err, ReportedFailure):
+        message, prefix = str(err), f"connito {command}"
+        print(message if message.startswith(prefix) else f"{prefix}: {message}", file=sys.stderr)
+        sys.exit(EXIT_FAILURE)

@@ -11,7 +11,7 @@ failed, and never builds a stage on an incomplete one.
 """
 
 from connito.orchestration.config import LauncherConfig, SlurmConfig
-from connito.orchestration.jobs import Job, OrchestrationError, Stage
+from connito.orchestration.jobs import Job, OrchestrationError, PipelineStopped, Stage
 from connito.orchestration.pipeline import run_pipeline, status_table
 from connito.orchestration.plan import Plan, read_plan
 
@@ -19,6 +19,7 @@ __all__ = [
     "Job",
     "LauncherConfig",
     "OrchestrationError",
+    "PipelineStopped",
     "Plan",
     "SlurmConfig",
     "Stage",

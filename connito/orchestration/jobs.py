@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from connito.common.atomic import atomic_write_json
+from connito.common.errors import ReportedFailure
 from connito.common.records import read_json_record
 
 JOB_SCHEMA = "connito.job/1"
@@ -38,6 +39,11 @@ FINISHED = ("done", "failed", "lost")
 
 class OrchestrationError(RuntimeError):
     """A pipeline that cannot go on: the message names the jobs, their state and what to do."""
+
+
+class PipelineStopped(OrchestrationError, ReportedFailure):
+    """Jobs of the pipeline failed or were lost: the message names each with its reason and log, and how to run
+    only the unfinished jobs (``connito <pipeline>`` prints it without a traceback, exit status 1)."""
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from connito.orchestration.config import LauncherConfig, check_launcher
-from connito.orchestration.jobs import FINISHED, Job, OrchestrationError, current_status, reset_state
+from connito.orchestration.jobs import FINISHED, Job, OrchestrationError, PipelineStopped, current_status, reset_state
 from connito.orchestration.launchers import run_local, submit_slurm
 from connito.orchestration.plan import PLAN_FILE, Plan, read_plan, write_plan
 
@@ -55,15 +55,17 @@ def _failures(root: Path, jobs: list[Job]) -> list[str]:
         reason = state.reason or status
         if status == "lost" and not state.pid and state.slurm_job:
             reason = f"SLURM job {state.slurm_job} ended without starting (cancelled: a job it depends on failed?)"
-        lines.append(f"  {job.name}: {status}: {reason} (log: {state.log or 'none'})")
+        log_path = "" if state.log and str(state.log) in reason else f" (log: {state.log or 'none'})"
+        lines.append(f"  {job.name}: {status}: {reason}{log_path}")
     return lines
 
 
-def _stop(root: Path, plan: Plan, failed: list[str]) -> OrchestrationError:
-    return OrchestrationError(
+def _stop(root: Path, plan: Plan, failed: list[str]) -> PipelineStopped:
+    return PipelineStopped(
         f"the pipeline in {root} stopped: {len(failed)} job(s) did not finish\n" + "\n".join(failed) + "\n"
-        "The finished jobs are kept; nothing was merged. Fix the cause and run the same command again: only these "
-        f"jobs (and the stages after them) run.\n{status_table(root, plan)}"
+        "The finished jobs are kept; nothing was merged. Fix the cause (see the log) and run the same "
+        f"`connito {plan.kind}` command again: only these jobs (and the stages after them) run.\n"
+        f"{status_table(root, plan)}"
     )
 
 
