@@ -51,6 +51,7 @@ from connito.orchestration.recipe import (
     stage_job,
     train_job,
 )
+from connito.retirement.records import PruneReport
 from connito.training.config import RunConfig
 
 log = logging.getLogger("connito.orchestration")
@@ -271,7 +272,7 @@ def run_report(root: Path) -> dict:
         "validation_loss": rows,
         "opted_out": [list(e) for e in opted_out],
         "esft_experts": esft.mask.to_dict()["experts"],
-        "pruned_kept": json.loads((root / "pruned" / "prune_report.json").read_text())["kept"],
+        "pruned_kept": PruneReport.load(root / "pruned" / PruneReport.FILE).kept,
         "settings": settings,
     }
     atomic_write_json(root / f"{REPORT}.json", record, end="\n")

@@ -63,11 +63,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from connito.common.atomic import atomic_write_json
+from connito.common.atomic import atomic_write_text
 from connito.experts import ExpertView
 from connito.models.loading import checkpoint_parameters
 from connito.retirement.progressive_mask import AdditiveExpertMask, MaskError, check_maskable
 from connito.retirement.progressive_schedule import OPTION, PruneSchedule
+from connito.retirement.records import ProgressivePruneRecord
 from connito.routing import RoutingRecord
 from connito.routing.edits import routing_rule
 from connito.training.callbacks import Callback, CallbackError, MicroBatch
@@ -77,8 +78,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("connito.retirement")
 
-SCHEMA = "connito.progressive_prune/1"
-JSON_FILE = "progressive_prune.json"
+SCHEMA = ProgressivePruneRecord.SCHEMA
+JSON_FILE = ProgressivePruneRecord.FILE
 REPORT_FILE = "progressive_prune_report.md"
 PRUNED_DIR = "pruned"
 
@@ -125,7 +126,7 @@ def write_pruned(export_dir: str | Path, kept: Mapping[int, list[int]], out_dir:
     provenance_file = out_dir / PROVENANCE_FILE
     provenance = json.loads(provenance_file.read_text())
     provenance.update(source=str(export_dir), top_k={"before": top_k, "after": new_top_k}, method=SCHEMA)
-    provenance_file.write_text(json.dumps(provenance, indent=2) + "\n")
+    atomic_write_text(provenance_file, json.dumps(provenance, indent=2) + "\n")
     return {
         "top_k": {"before": top_k, "after": new_top_k},
         "kept": {str(k): v for k, v in kept.items()},
@@ -299,26 +300,24 @@ class ProgressivePrune(Callback):
                 log.warning("%s: no pruned checkpoint: the surgery reads the HF export and train.export=false", OPTION)
 
     # -- outputs ---------------------------------------------------------------------------------------------------
-    def record(self, trainer: Trainer) -> dict:
+    def record(self, trainer: Trainer) -> ProgressivePruneRecord:
         schedule = self.schedule
-        return {
-            "schema": SCHEMA,
-            "options": self.options(),
-            "train_steps": trainer.cfg.train.steps,
-            "num_windows": schedule.num_windows,
-            "windows_done": schedule.windows_done,
-            "moe_layers": schedule.moe_layers,
-            "num_experts": schedule.num_experts,
-            "top_k": self.top_k,
-            "windows": schedule.history,
-            "alive_mask": schedule.alive_ME.int().tolist(),
-            "kept": {str(layer): experts for layer, experts in schedule.kept().items()},
-            "pruned_dir": str(self.pruned_dir) if self.pruned_dir else None,
-        }
+        return ProgressivePruneRecord(
+            options=self.options(),
+            train_steps=trainer.cfg.train.steps,
+            num_windows=schedule.num_windows,
+            windows_done=schedule.windows_done,
+            moe_layers=schedule.moe_layers,
+            num_experts=schedule.num_experts,
+            top_k=self.top_k,
+            windows=schedule.history,
+            alive_mask=schedule.alive_ME.int().tolist(),
+            kept={str(layer): experts for layer, experts in schedule.kept().items()},
+            pruned_dir=str(self.pruned_dir) if self.pruned_dir else None,
+        )
 
     def write_json(self, trainer: Trainer) -> Path:
-        path = trainer.run_dir / JSON_FILE
-        return atomic_write_json(path, self.record(trainer), end="\n")
+        return self.record(trainer).save(trainer.run_dir / JSON_FILE)
 
     def on_exported(self, trainer: Trainer, export_dir) -> None:
         if self.write_pruned and trainer.info.is_main:

@@ -43,6 +43,7 @@ from connito.experts import ExpertView
 from connito.models.families import ModelError
 from connito.models.fingerprint import checkpoint_fingerprint
 from connito.models.loading import model_like
+from connito.retirement.records import ShareRecord
 
 log = logging.getLogger("connito.retirement")
 
@@ -272,7 +273,6 @@ def share_checkpoint(
     ``calibration`` (token-id batches) for ``distill_steps`` Adam steps. Returns the output directory, the plan and
     the per-layer distillation MSE before/after. The input checkpoint is only read; everything is refused before
     anything is written, and ``out_dir`` appears complete or not at all."""
-    import json
 
     from transformers import AutoModelForCausalLM
 
@@ -292,16 +292,15 @@ def share_checkpoint(
     with staged_dir(out) as stage:
         shared.save_pretrained(stage, safe_serialization=True)
         copy_tokenizer_files(source, stage)
-        record = {
-            "schema": "connito.share/1",
-            "source": str(source),
-            "pick": pick,
-            "domains": domains or [],
-            "shared_from": {str(k): v for k, v in plan.picked.items()},
-            "merge_weights": {str(k): v for k, v in plan.weights.items()},
-            "scale": {str(k): v for k, v in plan.scale.items()},
-            "distillation": {"steps": distill_steps, "lr": lr, "mse": {str(k): v for k, v in mse.items()}},
-        }
-        (stage / "connito_share.json").write_text(json.dumps(record, indent=1) + "\n")
+        record = ShareRecord(
+            source=str(source),
+            pick=pick,
+            domains=domains or [],
+            shared_from={str(k): v for k, v in plan.picked.items()},
+            merge_weights={str(k): v for k, v in plan.weights.items()},
+            scale={str(k): v for k, v in plan.scale.items()},
+            distillation={"steps": distill_steps, "lr": lr, "mse": {str(k): v for k, v in mse.items()}},
+        )
+        record.save(stage / ShareRecord.FILE)
     log.info("%s: %d experts per layer moved into the shared expert, written to %s", source, per_layer, out)
     return out, plan, mse

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from connito.cli.command import Command
 from connito.data.config import DataConfig
+from connito.retirement.records import MergeReport
 
 
 @dataclass
@@ -71,9 +72,9 @@ def run(cfg: ExpertMergeConfig, run_dir: Path) -> None:
     kept = {str(layer): experts for layer, experts in plan.kept.items()}
     how = f"by {cfg.similarity} similarity" if cfg.keep is not None else "as listed"
     similarity = cfg.similarity if cfg.keep is not None else None
-    record = {"schema": "connito.merge/1", "checkpoint": str(Path(cfg.checkpoint).resolve()), "keep": cfg.keep,
-              "similarity": similarity, "frequency": cfg.frequency, "groups": groups,
-              "shares": [list(g.shares) for g in plan.groups], "kept": kept}  # fmt: skip
+    record = MergeReport(checkpoint=str(Path(cfg.checkpoint).resolve()), keep=cfg.keep, similarity=similarity,
+                         frequency=cfg.frequency, groups=groups, shares=[list(g.shares) for g in plan.groups],
+                         kept=kept)  # fmt: skip
     experts_left = len(next(iter(plan.kept.values())))
     text = [f"# Merged to {experts_left} experts per MoE layer ({how}, {cfg.frequency}-weighted)\n",
             "groups [layer, experts...], the first the merged slot: " + str(groups)]  # fmt: skip

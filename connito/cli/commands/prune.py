@@ -8,6 +8,7 @@ from pathlib import Path
 
 from connito.cli.command import Command
 from connito.data.config import DataConfig
+from connito.retirement.records import PruneReport
 
 
 @dataclass
@@ -101,14 +102,15 @@ def run(cfg: PruneConfig, run_dir: Path) -> None:
     out, plan = prune_checkpoint(cfg.checkpoint, analysis, cfg.keep, cfg.out, score=cfg.score, calibration=calibration,
                                  domains=cfg.domains or None, overwrite=cfg.overwrite)  # fmt: skip
     kept = {str(layer): experts for layer, experts in plan.kept.items()}
-    record = {"schema": "connito.prune/1", "checkpoint": str(Path(cfg.checkpoint).resolve()), "keep": cfg.keep,
-              "score": cfg.score, "kept": kept, "removed": [list(e) for e in plan.removed],
-              "scores": plan.usage_LE.tolist()}  # fmt: skip
+    calibrated = None
+    if calibration is not None:
+        calibrated = {"split": cfg.calibration_split, "domains": calibration.domains,
+                      "tokens": sum(int(batch.numel()) for batch in calibration.inputs)}  # fmt: skip
+    record = PruneReport(checkpoint=str(Path(cfg.checkpoint).resolve()), keep=cfg.keep, score=cfg.score, kept=kept,
+                         removed=[list(e) for e in plan.removed], scores=plan.usage_LE.tolist(),
+                         calibration=calibrated)  # fmt: skip
     by = "REAP saliency" if cfg.score == "reap" else f"{cfg.score} usage"
     text = [f"# Pruned to {cfg.keep} experts per MoE layer (by {by})\n", "kept per layer: " + str(kept)]
-    if calibration is not None:
-        record["calibration"] = {"split": cfg.calibration_split, "domains": calibration.domains,
-                                 "tokens": sum(int(batch.numel()) for batch in calibration.inputs)}  # fmt: skip
     label = f"pruned to {cfg.keep}"
     write_before_after_report("prune", cfg.checkpoint, out, label, record, text, cfg.data, cfg.eval_tokens)
 

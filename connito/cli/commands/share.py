@@ -9,6 +9,7 @@ from pathlib import Path
 
 from connito.cli.command import Command
 from connito.data.config import DataConfig
+from connito.retirement.records import ShareReport
 
 
 @dataclass
@@ -73,9 +74,8 @@ def run(cfg: ShareConfig, run_dir: Path) -> None:
                                       distill_steps=cfg.distill.steps, lr=cfg.distill.lr,
                                       overwrite=cfg.overwrite)  # fmt: skip
     picked = {str(layer): experts for layer, experts in plan.picked.items()}
-    record = {"schema": "connito.share_report/1", "checkpoint": str(Path(cfg.checkpoint).resolve()),
-              "pick": cfg.pick, "per_layer": cfg.per_layer, "shared_from": picked,
-              "distillation_mse": {str(k): v for k, v in mse.items()}}  # fmt: skip
+    record = ShareReport(checkpoint=str(Path(cfg.checkpoint).resolve()), pick=cfg.pick, per_layer=cfg.per_layer,
+                         shared_from=picked, distillation_mse={str(k): v for k, v in mse.items()})  # fmt: skip
     text = [f"# {cfg.per_layer} expert(s) per MoE layer moved into the shared expert (pick: {cfg.pick})\n",
             "shared from, per layer: " + str(picked)]  # fmt: skip
     if mse:
