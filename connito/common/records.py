@@ -60,9 +60,10 @@ def check_schema(
 
 
 def read_json_record(
-    path: str | Path, expected: str, *, what: str, fix: str, error: type[Exception] = RecordError
+    path: str | Path, expected: str, *, what: str, fix: str, error: type[Exception] = RecordError, key: str = "schema"
 ) -> dict:
-    """The JSON object at ``path``, checked to carry ``schema == expected`` (:func:`check_schema`)."""
+    """The JSON object at ``path``, checked to carry ``schema == expected`` (:func:`check_schema`); ``key``: the
+    key that holds the schema (``format`` in the export sidecars' manifests)."""
     path = Path(path)
     if not path.is_file():
         raise error(f"no {what} at {path}: {fix}")
@@ -72,7 +73,7 @@ def read_json_record(
         raise error(f"{path} is not UTF-8 text (byte {err.start}); {fix}") from None
     except json.JSONDecodeError as err:
         raise error(f"{path} is not valid JSON ({err}); {fix}") from None
-    check_schema(record.get("schema") if isinstance(record, dict) else None, path, expected, what=what, fix=fix,
+    check_schema(record.get(key) if isinstance(record, dict) else None, path, expected, what=what, fix=fix,
                  error=error)  # fmt: skip
     return record
 
@@ -82,7 +83,8 @@ class JsonRecord:
     """Base of a record class whose dataclass fields are the file's keys after ``schema``, in the file's order.
 
     A subclass sets :attr:`SCHEMA`, :attr:`WHAT` (what the error calls it), :attr:`FIX` (how to get a right one),
-    :attr:`INDENT` and :attr:`END` (the file's layout, kept byte for byte); fields named in :attr:`OMIT_IF_NONE`
+    :attr:`INDENT` and :attr:`END` (the file's layout, kept byte for byte), :attr:`SCHEMA_KEY` (the key holding
+    the schema, first in the file; ``format`` in the export sidecars); fields named in :attr:`OMIT_IF_NONE`
     are left out of the file while None (keys only some records of the kind carry). ``path`` (where it was read
     from) is not a key. :meth:`load` checks the schema and version (:func:`read_json_record`) and that every
     required key is there; :meth:`save` writes atomically."""
@@ -93,6 +95,7 @@ class JsonRecord:
     INDENT: ClassVar[int | None] = 2
     END: ClassVar[str] = "\n"
     OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset()
+    SCHEMA_KEY: ClassVar[str] = "schema"
 
     @classmethod
     def _keys(cls) -> list[str]:
@@ -100,7 +103,7 @@ class JsonRecord:
 
     def to_dict(self) -> dict:
         """The file's JSON object: ``schema``, then the fields in order."""
-        record: dict[str, Any] = {"schema": self.SCHEMA}
+        record: dict[str, Any] = {self.SCHEMA_KEY: self.SCHEMA}
         for key in self._keys():
             value = getattr(self, key)
             if not (value is None and key in self.OMIT_IF_NONE):
@@ -127,7 +130,8 @@ class JsonRecord:
     def load(cls, path: str | Path) -> Self:
         """The record at ``path``, schema and version checked."""
         path = Path(path).expanduser()
-        return cls.from_dict(read_json_record(path, cls.SCHEMA, what=cls.WHAT, fix=cls.FIX), path)
+        record = read_json_record(path, cls.SCHEMA, what=cls.WHAT, fix=cls.FIX, key=cls.SCHEMA_KEY)
+        return cls.from_dict(record, path)
 
     def save(self, path: str | Path) -> Path:
         """Write the record to ``path`` atomically (a reader never sees half a file); returns ``path``."""

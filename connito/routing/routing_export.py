@@ -24,12 +24,15 @@ route state belongs to these weights only. safetensors only: loading never unpic
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from connito.common.records import JsonRecord
 from connito.routing.routing_modes import RoutingModes, RoutingOptions
 
 SIDECAR = "routing_state.safetensors"
@@ -37,20 +40,39 @@ MANIFEST = "routing_state.json"
 FORMAT = "connito.routing_state/1"
 
 
+@dataclass(frozen=True, kw_only=True)
+class RoutingStateManifest(JsonRecord):
+    """``routing_state.json`` (its schema under ``format``): the mode and options, the model type and MoE layers
+    the state belongs to."""
+
+    SCHEMA: ClassVar[str] = FORMAT
+    SCHEMA_KEY: ClassVar[str] = "format"
+    INDENT: ClassVar[int | None] = 1
+    END: ClassVar[str] = ""
+    WHAT: ClassVar[str] = "routing-state manifest"
+    FIX: ClassVar[str] = (
+        "point at the export (<run>/hf) of a run trained with callbacks.expert_choice or callbacks.expert_threshold"
+    )
+
+    options: Mapping[str, Any]
+    model_type: str
+    moe_layers: Sequence[int]
+    hf_route: str
+    load: str
+
+
 def write_routing_state(export_dir: str | Path, routing: RoutingModes) -> None:
     """``routing_state.safetensors`` and ``routing_state.json`` in ``export_dir`` (see the module docstring)."""
     export_dir = Path(export_dir)
     export_dir.mkdir(parents=True, exist_ok=True)
     save_file(routing.state_tensors(), str(export_dir / SIDECAR))
-    manifest = {
-        "format": FORMAT,
-        "options": routing.options.to_dict(),
-        "model_type": routing.view.family.model_type,
-        "moe_layers": routing.view.moe_layers,
-        "hf_route": "plain transformers loads these weights and routes them top-k, not as trained",
-        "load": "connito.routing.routing_export.load_routing_mode(model, export_dir)",
-    }
-    (export_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    RoutingStateManifest(
+        options=routing.options.to_dict(),
+        model_type=routing.view.family.model_type,
+        moe_layers=routing.view.moe_layers,
+        hf_route="plain transformers loads these weights and routes them top-k, not as trained",
+        load="connito.routing.routing_export.load_routing_mode(model, export_dir)",
+    ).save(export_dir / MANIFEST)
 
 
 def load_routing_mode(model: nn.Module, export_dir: str | Path) -> RoutingModes:
@@ -62,17 +84,15 @@ def load_routing_mode(model: nn.Module, export_dir: str | Path) -> RoutingModes:
             f"{export_dir} has no {MANIFEST}: it is not the export of a run trained with a routing mode "
             "(callbacks.expert_choice or callbacks.expert_threshold); load it with plain transformers"
         )
-    manifest = json.loads((export_dir / MANIFEST).read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{export_dir / MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    manifest = RoutingStateManifest.load(export_dir / MANIFEST)
     model_type = getattr(model.config, "model_type", None)
-    if model_type != manifest["model_type"]:
-        raise ValueError(f"the routing state is for a {manifest['model_type']} model; this model is {model_type}")
-    routing = RoutingModes(model, RoutingOptions(**manifest["options"]))
-    if routing.view.moe_layers != manifest["moe_layers"]:
+    if model_type != manifest.model_type:
+        raise ValueError(f"the routing state is for a {manifest.model_type} model; this model is {model_type}")
+    routing = RoutingModes(model, RoutingOptions(**manifest.options))
+    if routing.view.moe_layers != list(manifest.moe_layers):
         routing.remove()
         raise ValueError(
-            f"the routing state is for MoE layers {manifest['moe_layers']}; the model has {routing.view.moe_layers}"
+            f"the routing state is for MoE layers {manifest.moe_layers}; the model has {routing.view.moe_layers}"
         )
     try:
         routing.load_state_tensors(load_file(str(export_dir / SIDECAR)))

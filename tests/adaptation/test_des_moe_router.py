@@ -213,7 +213,7 @@ def test_the_sidecar_puts_the_exact_adaptive_router_back_on_the_folded_export(tm
     state = dict(model.state_dict())
     fold_into_state_dict(state, view, folded)
     model.save_pretrained(tmp_path, state_dict=state)
-    write_sidecar(tmp_path, view, routers, folds, {"note": "test"})
+    write_sidecar(tmp_path, view, routers, folds, config={"note": "test"})
     assert (tmp_path / SIDECAR).is_file() and (tmp_path / MANIFEST).is_file()
 
     plain, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)

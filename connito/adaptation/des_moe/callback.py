@@ -41,6 +41,7 @@ from connito.adaptation.des_moe.export import calibration_captures, fold_into_st
 from connito.adaptation.des_moe.phases import PhasePlan, backbone_parts, trainable_set
 from connito.adaptation.des_moe.router import AdaptiveRouters
 from connito.adaptation.des_moe.token_masks import TokenGradientMasks
+from connito.common.atomic import atomic_write_text
 from connito.experts import ExpertView
 from connito.routing import RoutingRecord
 from connito.training.callbacks import Callback, CallbackError, MicroBatch
@@ -172,7 +173,7 @@ class DesMoe(Callback):
         if self.refresh_due(step):
             self.map.refresh()
             if trainer.info.is_main:
-                (trainer.run_dir / MAP_FILE).write_text(json.dumps(self.map_summary(step), indent=1))
+                atomic_write_text(trainer.run_dir / MAP_FILE, json.dumps(self.map_summary(step), indent=1))
                 unseen = [self.domain_names[d] for d in self.active if not bool(self.map.estimated_D[d])]
                 if unseen:
                     log.warning(
@@ -215,8 +216,8 @@ class DesMoe(Callback):
             folded[layer], fold = fold_layer(self.view, layer, self.routers, *captures[layer])
             folds.append(fold)
         fold_into_state_dict(state_dict, self.view, folded)
-        extra = {"config": asdict(self.config), "map": self.map_summary(trainer.state.step)}
-        write_sidecar(trainer.result.export_dir, self.view, self.routers, folds, extra)
+        write_sidecar(trainer.result.export_dir, self.view, self.routers, folds, config=asdict(self.config),
+                      expert_map=self.map_summary(trainer.state.step))  # fmt: skip
         worst = min(folds, key=lambda f: f.topk_agreement)
         log.info(
             "des_moe: HF routers folded (%d of %d layers exact; lowest top-k agreement %.3f at layer %d); the exact "

@@ -27,21 +27,48 @@ Shape legend: N calibration tokens, H hidden size, E routed experts, K experts p
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from connito.adaptation.des_moe.router import ADAPTER, AdaptiveRouters
+from connito.common.records import JsonRecord
 from connito.experts import ExpertView
 from connito.routing.edits import routing_rule
 
 SIDECAR = "des_moe_router.safetensors"
 MANIFEST = "des_moe_router.json"
 FORMAT = "connito.des_moe_router/1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DesMoeRouterManifest(JsonRecord):
+    """``des_moe_router.json`` (its schema under ``format``): the model type and MoE layers the adaptive routers
+    belong to, their width, how each layer's folded router compares, and (from the callback) the run's DES-MoE
+    ``config`` and expert ``map``."""
+
+    SCHEMA: ClassVar[str] = FORMAT
+    SCHEMA_KEY: ClassVar[str] = "format"
+    INDENT: ClassVar[int | None] = 1
+    END: ClassVar[str] = ""
+    WHAT: ClassVar[str] = "DES-MoE router manifest"
+    FIX: ClassVar[str] = "point at the export (<run>/hf) of a run trained with callbacks.des_moe"
+    OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"config", "map"})
+
+    model_type: str
+    moe_layers: Sequence[int]
+    hidden_mult: int
+    hf_router: str
+    folds: Sequence[Mapping[str, Any]]
+    """Per MoE layer, :class:`LayerFold` as a mapping."""
+    load: str
+    config: Mapping[str, Any] | None = None
+    map: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -123,22 +150,28 @@ def router_tensors(view: ExpertView, routers: AdaptiveRouters) -> dict[str, torc
 
 
 def write_sidecar(
-    export_dir: Path, view: ExpertView, routers: AdaptiveRouters, folds: list[LayerFold], extra: dict
+    export_dir: Path,
+    view: ExpertView,
+    routers: AdaptiveRouters,
+    folds: list[LayerFold],
+    *,
+    config: Mapping[str, Any] | None = None,
+    expert_map: Mapping[str, Any] | None = None,
 ) -> None:
-    """``des_moe_router.safetensors`` and ``des_moe_router.json`` in ``export_dir`` (see the module docstring)."""
+    """``des_moe_router.safetensors`` and ``des_moe_router.json`` in ``export_dir`` (see the module docstring);
+    ``config`` and ``expert_map``: the run's DES-MoE options and expert map, recorded in the manifest."""
     export_dir.mkdir(parents=True, exist_ok=True)
     save_file(router_tensors(view, routers), str(export_dir / SIDECAR))
-    manifest = {
-        "format": FORMAT,
-        "model_type": view.family.model_type,
-        "moe_layers": view.moe_layers,
-        "hidden_mult": routers.hidden_mult,
-        "hf_router": "least-squares fold of the adaptive router (exact where its MLP output layer is zero)",
-        "folds": [asdict(f) for f in folds],
-        "load": "connito.adaptation.des_moe.export.load_adaptive_router(model, export_dir)",
-        **extra,
-    }
-    (export_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    DesMoeRouterManifest(
+        model_type=view.family.model_type,
+        moe_layers=view.moe_layers,
+        hidden_mult=routers.hidden_mult,
+        hf_router="least-squares fold of the adaptive router (exact where its MLP output layer is zero)",
+        folds=[asdict(f) for f in folds],
+        load="connito.adaptation.des_moe.export.load_adaptive_router(model, export_dir)",
+        config=config,
+        map=expert_map,
+    ).save(export_dir / MANIFEST)
 
 
 def load_adaptive_router(model: nn.Module, export_dir: str | Path) -> AdaptiveRouters:
@@ -147,16 +180,14 @@ def load_adaptive_router(model: nn.Module, export_dir: str | Path) -> AdaptiveRo
     export_dir = Path(export_dir)
     if not (export_dir / MANIFEST).is_file():
         raise FileNotFoundError(f"{export_dir} has no {MANIFEST}: it is not the export of a DES-MoE run")
-    manifest = json.loads((export_dir / MANIFEST).read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{export_dir / MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    manifest = DesMoeRouterManifest.load(export_dir / MANIFEST)
     view = ExpertView(model)
-    if view.moe_layers != manifest["moe_layers"]:
+    if view.moe_layers != list(manifest.moe_layers):
         raise ValueError(
-            f"the export's routers are for MoE layers {manifest['moe_layers']}; the model has {view.moe_layers}"
+            f"the export's routers are for MoE layers {manifest.moe_layers}; the model has {view.moe_layers}"
         )
     tensors = load_file(str(export_dir / SIDECAR))
-    routers = AdaptiveRouters(model, hidden_mult=int(manifest["hidden_mult"]), view=view)
+    routers = AdaptiveRouters(model, hidden_mult=int(manifest.hidden_mult), view=view)
     expected = set(router_tensors(view, routers))
     if set(tensors) != expected:
         routers.remove()
