@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Self
 from connito.common.atomic import atomic_write_text
 from connito.common.errors import UserError
 
-SCHEMA_PATTERN = re.compile(r"connito\.([A-Za-z0-9_]+)/([0-9]+)")
+SCHEMA_PATTERN = re.compile(r"connito\.([A-Za-z0-9_.]+)/([0-9]+)")
 
 
 class RecordError(UserError, ValueError):

@@ -29,12 +29,14 @@ frozen, so clients run with ``model.aux_loss_coef=0``.
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 from connito.common.atomic import atomic_write_json
+from connito.common.records import JsonRecord
 from connito.data.config import DataConfig
 from connito.orchestration.config import LauncherConfig
 from connito.orchestration.jobs import Stage
@@ -58,6 +60,26 @@ GLOBAL = "global.safetensors"
 REPORT = "federated_report"
 AGGREGATION = "aggregation.json"
 UPDATE = "update"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregationRecord(JsonRecord):
+    """``round-<r+1>/aggregation.json``: round r's accepted and refused clients (``refused``: client -> reason),
+    the clients that trained each adapter expert (``contributors``: ``"<layer>.<expert>"`` -> clients) and the bytes
+    each client uploaded."""
+
+    SCHEMA: ClassVar[str] = "connito.fft_moe.aggregation/1"
+    INDENT: ClassVar[int | None] = 1
+    END: ClassVar[str] = ""
+    WHAT: ClassVar[str] = "FFT-MoE aggregation record"
+    FIX: ClassVar[str] = "run the round's aggregation again (`connito federated` with the same settings)"
+
+    round: int
+    local_only: bool
+    accepted: list[str]
+    refused: Mapping[str, str]
+    contributors: Mapping[str, list[str]]
+    bytes_uploaded: Mapping[str, int]
 
 
 @dataclass
@@ -242,7 +264,7 @@ def run_init(root: Path) -> Path:
     return out / GLOBAL
 
 
-def run_aggregate(root: Path, index: int) -> dict:
+def run_aggregate(root: Path, index: int) -> AggregationRecord:
     """The aggregation job of round ``index``: accept the clients' updates, aggregate, write round ``index + 1``."""
     from safetensors.torch import load_file, save_file
 
@@ -271,16 +293,15 @@ def run_aggregate(root: Path, index: int) -> dict:
             own = out["routers"][client]
         tensors = own if settings.get("local_only") else client_start(out["global"], own)
         save_file({n: t.contiguous() for n, t in tensors.items()}, str(start_file(root, index + 1, client)))
-    record = {
-        "schema": "connito.fft_moe.aggregation/1",
-        "round": index,
-        "local_only": bool(settings.get("local_only")),
-        "accepted": out["accepted"],
-        "refused": out["refused"],
-        "contributors": out["contributors"],
-        "bytes_uploaded": out["bytes"],
-    }
-    atomic_write_json(target / AGGREGATION, record)
+    record = AggregationRecord(
+        round=index,
+        local_only=bool(settings.get("local_only")),
+        accepted=out["accepted"],
+        refused=out["refused"],
+        contributors=out["contributors"],
+        bytes_uploaded=out["bytes"],
+    )
+    record.save(target / AGGREGATION)
     save_file({n: t.contiguous() for n, t in out["global"].items()}, str(target / GLOBAL))  # last: the job's output
     print(f"round {index}: accepted {out['accepted']}, refused {sorted(out['refused'])}, bytes {out['bytes']}")
     return record
@@ -296,7 +317,7 @@ def run_export(root: Path) -> dict:
     from connito.analysis.held_out import checkpoint_losses, held_out_batches, losses_table
     from connito.composition.fft_moe import AdapterSpec
     from connito.composition.fft_moe.export import export_client
-    from connito.composition.fft_moe.server import write_update
+    from connito.composition.fft_moe.server import UPDATE_FILE, UpdateRecord, write_update
 
     plan = planned(root, "federated")
     settings = plan.all_settings()
@@ -311,15 +332,15 @@ def run_export(root: Path) -> dict:
         tensors = load_file(str(start_file(root, rounds, client)))
         out = root / "export" / client
         models[f"{client} (budget {budget})"] = export_client(base, tensors, spec, budget, out / "hf", overwrite=True)
-        last = json.loads((root / f"r{rounds - 1}-{client}" / UPDATE / "update.json").read_text())
-        record = {k: last[k] for k in ("top_k", "layers", "tokens_per_expert")}
-        write_update(tensors, base, out / "adapters", client=client, num_examples=last["num_examples"], record=record,
+        last = UpdateRecord.load(root / f"r{rounds - 1}-{client}" / UPDATE / UPDATE_FILE)
+        record = {"top_k": last.top_k, "layers": last.layers, "tokens_per_expert": last.tokens_per_expert}
+        write_update(tensors, base, out / "adapters", client=client, num_examples=last.num_examples, record=record,
                      overwrite=True)  # fmt: skip
     clients = list(settings["clients"])
     held_out = held_out_batches(DataConfig(**settings["data"]), base, domains=clients,
                                 eval_tokens=settings["eval_tokens"] * len(clients))  # fmt: skip
     rows = {name: checkpoint_losses(path, held_out) for name, path in models.items()}
-    uploads = [json.loads((round_dir(root, r + 1) / AGGREGATION).read_text())["bytes_uploaded"] for r in range(rounds)]
+    uploads = [AggregationRecord.load(round_dir(root, r + 1) / AGGREGATION).bytes_uploaded for r in range(rounds)]
     record = {
         "schema": "connito.federated_report/1",
         "models": {name: str(path) for name, path in models.items()},

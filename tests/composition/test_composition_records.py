@@ -7,6 +7,7 @@ import json
 import pytest
 
 from connito.common.records import RecordError
+from connito.composition.fft_moe.server import UpdateRecord
 from connito.composition.provenance import BamRecord, BtsRecord, BtxRecord, FlexOlmoRecord, GroupsRecord
 
 SEED = {"path": "/m/seed", "fingerprint": "sha256:" + "a" * 64, "model_type": "llama"}
@@ -140,3 +141,43 @@ def test_a_record_missing_a_key_names_it(tmp_path):
     assert str(caught.value) == (
         f"{path} lacks ['router']: merge the branches again with `connito btx` (merge_branches)"
     )
+
+
+# update.json of an FFT-MoE client: its run's keys follow num_examples in the run's own order (the client callback's
+# spec first; the export's re-packaged update only top_k, layers, tokens_per_expert)
+UPDATE = {"schema": "connito.fft_moe.update/1", "client": "code", "num_examples": 20, "num_experts": 4, "width": 2,
+          "activation": "silu", "layers": [0, 1], "top_k": 1,
+          "tokens_per_expert": [[5, 0, 0, 0], [0, 0, 0, 0]]}  # fmt: skip
+UPDATE_FIX = "the client sends its update again (rerun its round job)"
+
+
+@pytest.mark.parametrize("record", [UPDATE, {k: v for k, v in UPDATE.items() if k not in ("num_experts", "width",
+                                                                                            "activation")}],
+                         ids=["from-the-callback", "re-packaged"])  # fmt: skip
+def test_update_record_round_trip_is_byte_identical_to_the_old_format(tmp_path, record):
+    path = tmp_path / "update.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    update = UpdateRecord.load(path)
+    assert (update.client, update.num_examples, update.top_k, update.layers) == ("code", 20, 1, [0, 1])
+    assert update.tokens_per_expert[0] == [5, 0, 0, 0] and update.to_dict() == record
+    update.save(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("found", "message"),
+    [
+        ("connito.mask/1", "{path} is not a FFT-MoE update record: schema 'connito.mask/1', expected "
+                           "'connito.fft_moe.update/1'; " + UPDATE_FIX),
+        ("connito.fft_moe.update/2", "{path} is a FFT-MoE update record of schema 'connito.fft_moe.update/2', newer "
+                                     "than this Connito reads ('connito.fft_moe.update/1'): upgrade Connito, or "
+                                     + UPDATE_FIX),
+    ],
+    ids=["another-kind", "future-version"],
+)  # fmt: skip
+def test_update_record_of_another_kind_or_a_newer_version_is_refused(tmp_path, found, message):
+    path = tmp_path / "update.json"
+    path.write_text(json.dumps({**UPDATE, "schema": found}, indent=1) + "\n")
+    with pytest.raises(RecordError) as caught:
+        UpdateRecord.load(path)
+    assert str(caught.value) == message.format(path=path)

@@ -186,11 +186,12 @@ def prepared_round(tmp_path, **changes):
 
 
 def test_the_aggregation_job_writes_the_weighted_experts_and_each_clients_own_router(tmp_path):
-    from connito.orchestration.federated import run_aggregate
+    from connito.orchestration.federated import AggregationRecord, run_aggregate
 
     root, start = prepared_round(tmp_path)
     record = run_aggregate(root, 0)
-    assert record["accepted"] == ["code", "docs"] and record["contributors"]["0.0"] == ["code", "docs"]
+    assert record.accepted == ["code", "docs"] and record.contributors["0.0"] == ["code", "docs"]
+    assert AggregationRecord.load(root / "round-001" / "aggregation.json") == record
     merged = load_file(root / "round-001" / "global.safetensors")
     e00, e01 = expert_names(merged, 0, 0), expert_names(merged, 0, 1)
     assert all(torch.equal(merged[n], torch.full_like(merged[n], (20 * 1.0 + 60 * 3.0) / 80)) for n in e00)
@@ -217,7 +218,7 @@ def test_a_tampered_update_stops_the_round_unless_skip_refused_and_local_only_av
     root, start = prepared_round(tmp_path / "skip", skip_refused=True)
     tamper(root / "r0-code" / "update")
     record = run_aggregate(root, 0)
-    assert record["accepted"] == ["docs"] and list(record["refused"]) == ["code"]
+    assert record.accepted == ["docs"] and list(record.refused) == ["code"]
     code = load_file(root / "round-001" / "start-code.safetensors")
     router = "model.layers.0.mlp_adapter.router.weight"
     assert torch.equal(code[router], start[router])  # the refused client keeps the router it started the round with

@@ -50,3 +50,48 @@ def test_job_state_round_trip_and_a_newer_version_refused(tmp_path):
         f"{path} is a job state of schema 'connito.job/2', newer than this Connito reads ('connito.job/1'): upgrade "
         f"Connito, or delete {path} to run job a again (rerun=all starts the whole pipeline over)"
     )
+
+
+AGGREGATION = {
+    "schema": "connito.fft_moe.aggregation/1",
+    "round": 0,
+    "local_only": False,
+    "accepted": ["docs"],
+    "refused": {"code": "its package fails verification"},
+    "contributors": {"0.0": ["docs"], "0.1": []},
+    "bytes_uploaded": {"code": 1024, "docs": 1024},
+}
+AGGREGATION_FIX = "run the round's aggregation again (`connito federated` with the same settings)"
+
+
+def test_aggregation_record_round_trip_is_byte_identical_to_the_old_format(tmp_path):
+    from connito.orchestration.federated import AggregationRecord
+
+    path = tmp_path / "aggregation.json"
+    path.write_text(json.dumps(AGGREGATION, indent=1))  # as atomic_write_json wrote it before the class
+    record = AggregationRecord.load(path)
+    assert (record.accepted, record.bytes_uploaded["docs"]) == (["docs"], 1024) and record.to_dict() == AGGREGATION
+    record.save(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("found", "message"),
+    [
+        ("connito.job/1", "{path} is not a FFT-MoE aggregation record: schema 'connito.job/1', expected "
+                          "'connito.fft_moe.aggregation/1'; " + AGGREGATION_FIX),
+        ("connito.fft_moe.aggregation/2", "{path} is a FFT-MoE aggregation record of schema "
+         "'connito.fft_moe.aggregation/2', newer than this Connito reads ('connito.fft_moe.aggregation/1'): upgrade "
+         "Connito, or " + AGGREGATION_FIX),
+    ],
+    ids=["another-kind", "future-version"],
+)  # fmt: skip
+def test_aggregation_record_of_another_kind_or_a_newer_version_is_refused(tmp_path, found, message):
+    from connito.common.records import RecordError
+    from connito.orchestration.federated import AggregationRecord
+
+    path = tmp_path / "aggregation.json"
+    path.write_text(json.dumps({**AGGREGATION, "schema": found}, indent=1))
+    with pytest.raises(RecordError) as caught:
+        AggregationRecord.load(path)
+    assert str(caught.value) == message.format(path=path)

@@ -29,11 +29,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import save_file
 
 import connito
+from connito.common.atomic import atomic_write_text
+from connito.common.records import JsonRecord, RecordError
 from connito.experts.addressing import ExpertMask
 from connito.experts.delta import DeltaError, DeltaManifest, load_delta
 from connito.experts.delta.manifest import MANIFEST_FILE, MODULES_FILE, TensorEntry, dtype_name, file_sha256, module_key
@@ -45,6 +48,46 @@ from connito.models.loading import validate_checkpoint_dir
 UPDATE_SCHEMA = "connito.fft_moe.update/1"
 UPDATE_FILE = "update.json"
 PACKAGE_DIR = "adapters"
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpdateRecord(JsonRecord):
+    """``update.json``: the client, its |D_n| and what its run recorded (``run``: ``top_k``, ``layers``,
+    ``tokens_per_expert`` and, from the client's callback, the adapter spec), whose keys follow ``num_examples`` in
+    the file in the order the run gave them."""
+
+    SCHEMA: ClassVar[str] = UPDATE_SCHEMA
+    INDENT: ClassVar[int | None] = 1
+    WHAT: ClassVar[str] = "FFT-MoE update record"
+    FIX: ClassVar[str] = "the client sends its update again (rerun its round job)"
+
+    client: str
+    num_examples: int
+    run: Mapping[str, Any]
+
+    def to_dict(self) -> dict:
+        return {"schema": self.SCHEMA, "client": self.client, "num_examples": self.num_examples, **self.run}
+
+    @classmethod
+    def from_dict(cls, record: Mapping, path: str | Path | None = None) -> UpdateRecord:
+        missing = [key for key in ("client", "num_examples") if key not in record]
+        if missing:
+            raise RecordError(f"{path or f'the {cls.WHAT}'} lacks {missing}: {cls.FIX}")
+        run = {k: v for k, v in record.items() if k not in ("schema", "client", "num_examples")}
+        return cls(client=record["client"], num_examples=record["num_examples"], run=run)
+
+    @property
+    def top_k(self) -> int | None:
+        return self.run.get("top_k")
+
+    @property
+    def layers(self) -> list[int]:
+        """The adapter layers, the rows of :attr:`tokens_per_expert`."""
+        return list(self.run.get("layers", []))
+
+    @property
+    def tokens_per_expert(self) -> list[list[int]]:
+        return list(self.run.get("tokens_per_expert", []))
 
 
 class UpdateRefused(ValueError):
@@ -121,9 +164,8 @@ def write_update(
             "sha256": file_sha256(package / MODULES_FILE),
             "bytes": (package / MODULES_FILE).stat().st_size,
         }
-        (package / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
-        update = {"schema": UPDATE_SCHEMA, "client": client, "num_examples": int(num_examples), **dict(record)}
-        (stage / UPDATE_FILE).write_text(json.dumps(update, indent=1) + "\n")
+        atomic_write_text(package / MANIFEST_FILE, json.dumps(manifest.to_dict(), indent=2) + "\n")
+        UpdateRecord(client=client, num_examples=int(num_examples), run=dict(record)).save(stage / UPDATE_FILE)
     return out
 
 
@@ -138,12 +180,10 @@ def accept_update(update_dir: str | Path, base_fingerprint: str, expected: Mappi
     naming the client otherwise. ``expected``: the global adapters (names and shapes every update must match)."""
     update_dir = Path(update_dir)
     try:
-        record = json.loads((update_dir / UPDATE_FILE).read_text())
-        client = str(record["client"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        raise UpdateRefused(update_dir.name, f"{update_dir / UPDATE_FILE} is missing or not an update record") from None
-    if record.get("schema") != UPDATE_SCHEMA:
-        raise UpdateRefused(client, f"{UPDATE_FILE} has schema {record.get('schema')!r}, not '{UPDATE_SCHEMA}'")
+        update = UpdateRecord.load(update_dir / UPDATE_FILE)
+    except RecordError as err:  # missing, not JSON, another kind or version: named by its folder
+        raise UpdateRefused(update_dir.name, str(err)) from None
+    client = str(update.client)
     try:
         delta = load_delta(update_dir / PACKAGE_DIR)
     except DeltaError as err:
@@ -166,10 +206,10 @@ def accept_update(update_dir: str | Path, base_fingerprint: str, expected: Mappi
         if not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
             raise UpdateRefused(client, f"{name} holds {bad} non-finite values (NaN or inf); its training diverged")
-    num_examples = record.get("num_examples")
+    num_examples = update.num_examples
     if not isinstance(num_examples, int) or num_examples < 1:
         raise UpdateRefused(client, f"num_examples={num_examples!r} is not a positive count of training rows")
-    layers, tokens = record.get("layers", []), record.get("tokens_per_expert", [])
+    layers, tokens = update.layers, update.tokens_per_expert
     trained = {(layer, m): count > 0 for layer, row in zip(layers, tokens, strict=True) for m, count in enumerate(row)}
     return ClientUpdate(client, num_examples, tensors, trained)
 
