@@ -129,7 +129,7 @@ class GroupsRecord(_Provenance):
 
     SCHEMA: ClassVar[str] = "connito.groups/1"
     FILE: ClassVar[str] = GROUPS_FILE
-    WHAT: ClassVar[str] = "expert-groups provenance record"
+    WHAT: ClassVar[str] = "groups provenance record"
     FIX: ClassVar[str] = "merge the groups again with `connito groups` (merge_groups)"
 
     method: str

@@ -39,10 +39,13 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 from connito.common.atomic import atomic_write_json
+from connito.common.records import JsonRecord
 from connito.composition.provenance import GroupsRecord
 from connito.data.config import DataConfig
 from connito.models.presets import model_preset
@@ -69,6 +72,27 @@ PARTITION_OVERLAPS = ("assign", "refuse")
 MERGE_OVERLAPS = ("refuse", "average", "first")
 REPORT = "groups_report"
 PARTITION_FILE = "partition.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartitionRecord(JsonRecord):
+    """``groups/partition.json``: the base and its analysis, the selection options, and per domain its mask file
+    and experts (``groups``: domain -> ``{"mask_file", "experts": [[layer, expert], ...]}``)."""
+
+    SCHEMA: ClassVar[str] = "connito.groups_partition/1"
+    INDENT: ClassVar[int | None] = 1
+    WHAT: ClassVar[str] = "groups partition record"
+    FIX: ClassVar[str] = "run the partition job again (`connito groups` with the same settings)"
+
+    base: str
+    analysis: str
+    score: str
+    top_p: float | None
+    top_n: int | None
+    overlap: str
+    groups: Mapping[str, Mapping[str, Any]]
+
+
 MASK_SUFFIX = ".mask.json"
 DELTA_MANIFEST = "manifest.json"
 
@@ -292,7 +316,7 @@ def plan_groups(cfg: GroupsConfig) -> Plan:
     return Plan("groups", tuple(stages), settings)
 
 
-def run_partition(root: Path) -> dict:
+def run_partition(root: Path) -> PartitionRecord:
     """The partition job: disjoint groups from the base's analysis, one mask file per domain in ``<root>/groups``
     and ``partition.json``; prints the groups and returns the ``partition.json`` record."""
     from connito.composition.expert_groups.partition import partition_from_analysis, write_group_masks
@@ -306,14 +330,13 @@ def run_partition(root: Path) -> dict:
                                      overlap=part.overlap)  # fmt: skip
     selection = {"score": part.score, "top_p": part.top_p, "top_n": part.top_n, "overlap": part.overlap}
     paths = write_group_masks(groups, base, root / "groups", analysis=analysis, selection=selection)
-    record = {
-        "schema": "connito.groups_partition/1",
-        "base": str(base),
-        "analysis": str(analysis / "analysis.json"),
+    record = PartitionRecord(
+        base=str(base),
+        analysis=str(analysis / "analysis.json"),
         **selection,
-        "groups": {d: {"mask_file": str(paths[d]), "experts": [list(e) for e in m.ids()]} for d, m in groups.items()},
-    }
-    atomic_write_json(root / "groups" / PARTITION_FILE, record, end="\n")
+        groups={d: {"mask_file": str(paths[d]), "experts": [list(e) for e in m.ids()]} for d, m in groups.items()},
+    )
+    record.save(root / "groups" / PARTITION_FILE)
     print(groups_text(groups))
     return record
 
@@ -381,15 +404,15 @@ def run_report(root: Path) -> dict:
         rows[name] = checkpoint_losses(path, held_out)
         log.info("%s: %s", name, ", ".join(f"{k} {v:.3f}" for k, v in rows[name].items()))
     table = losses_table(rows, [*held_out.domains, "all"])
-    partition = json.loads((root / "groups" / PARTITION_FILE).read_text())
+    partition = PartitionRecord.load(root / "groups" / PARTITION_FILE)
     provenance = GroupsRecord.load(root / "merged")
-    sizes = ", ".join(f"{d} {len(g['experts'])}" for d, g in partition["groups"].items())
+    sizes = ", ".join(f"{d} {len(g['experts'])}" for d, g in partition.groups.items())
     record = {
         "schema": "connito.groups_report/1",
         "domains": held_out.domains,
         "models": {k: str(v) for k, v in models.items()},
         "validation_loss": rows,
-        "groups": {d: g["experts"] for d, g in partition["groups"].items()},
+        "groups": {d: g["experts"] for d, g in partition.groups.items()},
         "merge_validation": provenance.validation,
         "settings": settings,
     }

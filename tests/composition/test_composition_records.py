@@ -82,7 +82,7 @@ CASES = [
     (BtsRecord, BTS, "BTS provenance record", "stitch the branches again with stitch_branches"),
     (BtsRecord, {**BTS, "opted_out": ["code"]}, "BTS provenance record",
      "stitch the branches again with stitch_branches"),
-    (GroupsRecord, GROUPS, "expert-groups provenance record",
+    (GroupsRecord, GROUPS, "groups provenance record",
      "merge the groups again with `connito groups` (merge_groups)"),
 ]  # fmt: skip
 IDS = ["btx", "bam", "flexolmo-owner_start", "flexolmo-merged", "bts", "bts-opted_out", "groups"]

@@ -95,3 +95,49 @@ def test_aggregation_record_of_another_kind_or_a_newer_version_is_refused(tmp_pa
     with pytest.raises(RecordError) as caught:
         AggregationRecord.load(path)
     assert str(caught.value) == message.format(path=path)
+
+
+PARTITION = {
+    "schema": "connito.groups_partition/1",
+    "base": "/r/base/hf",
+    "analysis": "/r/analysis/analysis.json",
+    "score": "token",
+    "top_p": 0.2,
+    "top_n": None,
+    "overlap": "refuse",
+    "groups": {"code": {"mask_file": "/r/groups/code.mask.json", "experts": [[0, 1], [1, 3]]}},
+}
+PARTITION_FIX = "run the partition job again (`connito groups` with the same settings)"
+
+
+def test_partition_record_round_trip_is_byte_identical_to_the_old_format(tmp_path):
+    from connito.orchestration.groups import PartitionRecord
+
+    path = tmp_path / "partition.json"
+    path.write_text(json.dumps(PARTITION, indent=1) + "\n")  # as atomic_write_json(..., end="\n") wrote it
+    record = PartitionRecord.load(path)
+    assert record.groups["code"]["experts"] == [[0, 1], [1, 3]] and record.to_dict() == PARTITION
+    record.save(tmp_path / "again.json")
+    assert (tmp_path / "again.json").read_bytes() == path.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("found", "message"),
+    [
+        ("connito.mask/1", "{path} is not a groups partition record: schema 'connito.mask/1', expected "
+                           "'connito.groups_partition/1'; " + PARTITION_FIX),
+        ("connito.groups_partition/2", "{path} is a groups partition record of schema "
+         "'connito.groups_partition/2', newer than this Connito reads ('connito.groups_partition/1'): upgrade "
+         "Connito, or " + PARTITION_FIX),
+    ],
+    ids=["another-kind", "future-version"],
+)  # fmt: skip
+def test_partition_record_of_another_kind_or_a_newer_version_is_refused(tmp_path, found, message):
+    from connito.common.records import RecordError
+    from connito.orchestration.groups import PartitionRecord
+
+    path = tmp_path / "partition.json"
+    path.write_text(json.dumps({**PARTITION, "schema": found}, indent=1) + "\n")
+    with pytest.raises(RecordError) as caught:
+        PartitionRecord.load(path)
+    assert str(caught.value) == message.format(path=path)

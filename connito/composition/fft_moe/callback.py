@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
+from connito.common.atomic import atomic_write_text
 from connito.composition.fft_moe.adapters import (
     AdapterSpec,
     adapter_state,
@@ -138,7 +139,7 @@ class FftMoe(Callback):
         export_dir = Path(export_dir)
         tensors = self._exported or adapter_state(trainer.engine.module)
         save_file({n: t.detach().cpu().contiguous() for n, t in tensors.items()}, str(export_dir / ADAPTERS_FILE))
-        (export_dir / ADAPTERS_RECORD).write_text(json.dumps(self.record(), indent=1))
+        atomic_write_text(export_dir / ADAPTERS_RECORD, json.dumps(self.record(), indent=1))
         if self.update is not None:
             if not trainer.cfg.model.path:
                 raise CallbackError(
