@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -122,8 +123,7 @@ def merge_bam(
     model.load_state_dict(state, strict=True)
     model.tie_weights()
 
-    btx = merged.provenance.to_dict()
-    del btx["schema"]
+    btx = {f.name: getattr(merged.provenance, f.name) for f in fields(merged.provenance)}
     provenance = BamRecord(
         **{**btx, "method": "BAM upcycling (Zhang et al. 2024): FFN and attention experts from the branches"},
         attention={

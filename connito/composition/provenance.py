@@ -58,22 +58,15 @@ class BtxRecord(_Provenance):
 
 
 @dataclass(frozen=True, kw_only=True)
-class BamRecord(_Provenance):
-    """``connito_bam.json``: BTX's record of the FFN experts, then the attention experts."""
+class BamRecord(BtxRecord):
+    """``connito_bam.json``: BTX's record of the FFN experts (its fields, in its order), then the attention
+    experts."""
 
     SCHEMA: ClassVar[str] = "connito.bam/1"
     FILE: ClassVar[str] = BAM_FILE
     WHAT: ClassVar[str] = "BAM provenance record"
     FIX: ClassVar[str] = "upcycle the branches again with `connito btx method=bam` (merge_bam)"
 
-    method: str
-    seed: Mapping[str, Any]
-    branches: Sequence[Mapping[str, Any]]
-    options: Mapping[str, Any]
-    experts: Sequence[str]
-    shared_expert: str | None
-    router: Mapping[str, Any]
-    created: str
     attention: Mapping[str, Any]
 
 

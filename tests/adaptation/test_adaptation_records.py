@@ -3,12 +3,10 @@ the class (json.dumps(manifest, indent=1), no final newline), read by field, ano
 naming the file, the schemas and the fix. tests/routing/test_routing_records.py holds the same checks for
 routing_state.json."""
 
-import json
-
 import pytest
 
 from connito.adaptation.des_moe.export import DesMoeRouterManifest
-from connito.common.records import RecordError
+from tests.common.record_contract import check_record_kind, indented
 
 DES_MOE = {
     "format": "connito.des_moe_router/1",
@@ -30,37 +28,7 @@ CASES = [
 IDS = ["des_moe_router", "des_moe_router-bare"]
 
 
-def _old_format(record: dict) -> str:
-    return json.dumps(record, indent=1)
-
-
 @pytest.mark.parametrize(("cls", "record", "what", "fix"), CASES, ids=IDS)
-def test_round_trip_is_byte_identical_to_the_old_format(tmp_path, cls, record, what, fix):
-    path = tmp_path / "manifest.json"
-    path.write_text(_old_format(record))
-    loaded = cls.load(path)
-    assert loaded.to_dict() == record and loaded.moe_layers == [0, 1]
-    loaded.save(tmp_path / "again.json")
-    assert (tmp_path / "again.json").read_bytes() == path.read_bytes()
-
-
-@pytest.mark.parametrize(("cls", "record", "what", "fix"), CASES, ids=IDS)
-def test_another_kind_is_refused_with_the_exact_message(tmp_path, cls, record, what, fix):
-    path = tmp_path / "manifest.json"
-    path.write_text(_old_format({**record, "format": "connito.mask/1"}))
-    with pytest.raises(RecordError) as caught:
-        cls.load(path)
-    assert str(caught.value) == f"{path} is not a {what}: schema 'connito.mask/1', expected {cls.SCHEMA!r}; {fix}"
-
-
-@pytest.mark.parametrize(("cls", "record", "what", "fix"), CASES, ids=IDS)
-def test_a_future_version_is_refused_with_the_exact_message(tmp_path, cls, record, what, fix):
-    path = tmp_path / "manifest.json"
-    future = cls.SCHEMA.replace("/1", "/2")
-    path.write_text(_old_format({**record, "format": future}))
-    with pytest.raises(RecordError) as caught:
-        cls.load(path)
-    assert str(caught.value) == (
-        f"{path} is a {what} of schema {future!r}, newer than this Connito reads ({cls.SCHEMA!r}): upgrade "
-        f"Connito, or {fix}"
-    )
+def test_round_trip_byte_identity_and_refusals(tmp_path, cls, record, what, fix):
+    check_record_kind(tmp_path, cls, record, indented(1, ""), what, fix)  # json.dumps(manifest, indent=1)
+    assert cls.load(tmp_path / "again.json").moe_layers == [0, 1]

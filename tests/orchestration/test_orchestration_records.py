@@ -1,5 +1,5 @@
-"""The pipeline's own records (connito.pipeline/1, connito.job/1): round trip, another schema and a newer version
-refused with the file, the schemas and the fix."""
+"""The pipeline's own records (connito.pipeline/1, connito.job/1) and the pipelines' records (FFT-MoE aggregation,
+groups partition): round trip, another schema and a newer version refused with the file, the schemas and the fix."""
 
 import json
 
@@ -7,6 +7,7 @@ import pytest
 
 from connito.orchestration.jobs import Job, JobState, OrchestrationError, Stage, read_state, state_path, write_state
 from connito.orchestration.plan import PLAN_FILE, PLAN_FIX, Plan, read_plan, write_plan
+from tests.common.record_contract import check_record_kind, indented
 
 
 def _plan() -> Plan:
@@ -61,42 +62,6 @@ AGGREGATION = {
     "contributors": {"0.0": ["docs"], "0.1": []},
     "bytes_uploaded": {"code": 1024, "docs": 1024},
 }
-AGGREGATION_FIX = "run the round's aggregation again (`connito federated` with the same settings)"
-
-
-def test_aggregation_record_round_trip_is_byte_identical_to_the_old_format(tmp_path):
-    from connito.orchestration.federated import AggregationRecord
-
-    path = tmp_path / "aggregation.json"
-    path.write_text(json.dumps(AGGREGATION, indent=1))  # as atomic_write_json wrote it before the class
-    record = AggregationRecord.load(path)
-    assert (record.accepted, record.bytes_uploaded["docs"]) == (["docs"], 1024) and record.to_dict() == AGGREGATION
-    record.save(tmp_path / "again.json")
-    assert (tmp_path / "again.json").read_bytes() == path.read_bytes()
-
-
-@pytest.mark.parametrize(
-    ("found", "message"),
-    [
-        ("connito.job/1", "{path} is not a FFT-MoE aggregation record: schema 'connito.job/1', expected "
-                          "'connito.fft_moe.aggregation/1'; " + AGGREGATION_FIX),
-        ("connito.fft_moe.aggregation/2", "{path} is a FFT-MoE aggregation record of schema "
-         "'connito.fft_moe.aggregation/2', newer than this Connito reads ('connito.fft_moe.aggregation/1'): upgrade "
-         "Connito, or " + AGGREGATION_FIX),
-    ],
-    ids=["another-kind", "future-version"],
-)  # fmt: skip
-def test_aggregation_record_of_another_kind_or_a_newer_version_is_refused(tmp_path, found, message):
-    from connito.common.records import RecordError
-    from connito.orchestration.federated import AggregationRecord
-
-    path = tmp_path / "aggregation.json"
-    path.write_text(json.dumps({**AGGREGATION, "schema": found}, indent=1))
-    with pytest.raises(RecordError) as caught:
-        AggregationRecord.load(path)
-    assert str(caught.value) == message.format(path=path)
-
-
 PARTITION = {
     "schema": "connito.groups_partition/1",
     "base": "/r/base/hf",
@@ -107,37 +72,20 @@ PARTITION = {
     "overlap": "refuse",
     "groups": {"code": {"mask_file": "/r/groups/code.mask.json", "experts": [[0, 1], [1, 3]]}},
 }
-PARTITION_FIX = "run the partition job again (`connito groups` with the same settings)"
 
 
-def test_partition_record_round_trip_is_byte_identical_to_the_old_format(tmp_path):
+def test_aggregation_record_round_trip_byte_identity_and_refusals(tmp_path):
+    from connito.orchestration.federated import AggregationRecord
+
+    fix = "run the round's aggregation again (`connito federated` with the same settings)"
+    check_record_kind(tmp_path, AggregationRecord, AGGREGATION, indented(1, ""), "FFT-MoE aggregation record", fix)
+    record = AggregationRecord.load(tmp_path / "again.json")
+    assert (record.accepted, record.bytes_uploaded["docs"]) == (["docs"], 1024)
+
+
+def test_partition_record_round_trip_byte_identity_and_refusals(tmp_path):
     from connito.orchestration.groups import PartitionRecord
 
-    path = tmp_path / "partition.json"
-    path.write_text(json.dumps(PARTITION, indent=1) + "\n")  # as atomic_write_json(..., end="\n") wrote it
-    record = PartitionRecord.load(path)
-    assert record.groups["code"]["experts"] == [[0, 1], [1, 3]] and record.to_dict() == PARTITION
-    record.save(tmp_path / "again.json")
-    assert (tmp_path / "again.json").read_bytes() == path.read_bytes()
-
-
-@pytest.mark.parametrize(
-    ("found", "message"),
-    [
-        ("connito.mask/1", "{path} is not a groups partition record: schema 'connito.mask/1', expected "
-                           "'connito.groups_partition/1'; " + PARTITION_FIX),
-        ("connito.groups_partition/2", "{path} is a groups partition record of schema "
-         "'connito.groups_partition/2', newer than this Connito reads ('connito.groups_partition/1'): upgrade "
-         "Connito, or " + PARTITION_FIX),
-    ],
-    ids=["another-kind", "future-version"],
-)  # fmt: skip
-def test_partition_record_of_another_kind_or_a_newer_version_is_refused(tmp_path, found, message):
-    from connito.common.records import RecordError
-    from connito.orchestration.groups import PartitionRecord
-
-    path = tmp_path / "partition.json"
-    path.write_text(json.dumps({**PARTITION, "schema": found}, indent=1) + "\n")
-    with pytest.raises(RecordError) as caught:
-        PartitionRecord.load(path)
-    assert str(caught.value) == message.format(path=path)
+    fix = "run the partition job again (`connito groups` with the same settings)"
+    check_record_kind(tmp_path, PartitionRecord, PARTITION, indented(1, "\n"), "groups partition record", fix)
+    assert PartitionRecord.load(tmp_path / "again.json").groups["code"]["experts"] == [[0, 1], [1, 3]]

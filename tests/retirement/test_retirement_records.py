@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from connito.common.records import RecordError
 from connito.retirement.records import MergeReport, ProgressivePruneRecord, PruneReport, ShareRecord, ShareReport
+from tests.common.record_contract import check_record_kind, indented
 
 LOSS = {"original": {"code": 2.5, "all": 2.5}, "pruned to 2": {"code": 2.75, "all": 2.75}}
 PRUNE = {
@@ -76,45 +76,13 @@ CASES = [
 IDS = ["prune", "prune-reap-measured", "merge", "share_report", "share", "progressive_prune"]
 
 
-def _old_format(record: dict) -> str:
-    """How the writers wrote these files before the classes (atomic_write_json(..., end="\\n"), share_checkpoint)."""
-    return json.dumps(record, indent=1) + "\n"
-
-
 @pytest.mark.parametrize(("cls", "record", "what", "fix"), CASES, ids=IDS)
-def test_round_trip_is_byte_identical_to_the_old_format(tmp_path, cls, record, what, fix):
-    path = tmp_path / cls.FILE
-    path.write_text(_old_format(record))
-    loaded = cls.load(path)
-    assert loaded.to_dict() == record
-    loaded.save(tmp_path / "again.json")
-    assert (tmp_path / "again.json").read_bytes() == path.read_bytes()
+def test_round_trip_byte_identity_and_refusals(tmp_path, cls, record, what, fix):
+    check_record_kind(tmp_path, cls, record, indented(1, "\n"), what, fix)  # atomic_write_json(..., end="\n")
 
 
 def test_fields_are_read_by_attribute_and_the_optional_keys_stay_out_until_set(tmp_path):
-    (tmp_path / "p.json").write_text(_old_format(PRUNE))
+    (tmp_path / "p.json").write_text(json.dumps(PRUNE, indent=1))
     pruned = PruneReport.load(tmp_path / "p.json")
     assert (pruned.kept["1"], pruned.calibration, pruned.validation_loss) == ([1, 2], None, None)
     assert "calibration" not in pruned.to_dict() and "validation_loss" not in pruned.to_dict()
-
-
-@pytest.mark.parametrize(("cls", "record", "what", "fix"), CASES, ids=IDS)
-def test_another_kind_is_refused_with_the_exact_message(tmp_path, cls, record, what, fix):
-    path = tmp_path / cls.FILE
-    path.write_text(_old_format({**record, "schema": "connito.analysis/1"}))
-    with pytest.raises(RecordError) as caught:
-        cls.load(path)
-    assert str(caught.value) == f"{path} is not a {what}: schema 'connito.analysis/1', expected {cls.SCHEMA!r}; {fix}"
-
-
-@pytest.mark.parametrize(("cls", "record", "what", "fix"), CASES, ids=IDS)
-def test_a_future_version_is_refused_with_the_exact_message(tmp_path, cls, record, what, fix):
-    path = tmp_path / cls.FILE
-    future = cls.SCHEMA.replace("/1", "/2")
-    path.write_text(_old_format({**record, "schema": future}))
-    with pytest.raises(RecordError) as caught:
-        cls.load(path)
-    assert str(caught.value) == (
-        f"{path} is a {what} of schema {future!r}, newer than this Connito reads ({cls.SCHEMA!r}): upgrade "
-        f"Connito, or {fix}"
-    )
