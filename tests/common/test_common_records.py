@@ -60,3 +60,32 @@ def test_the_error_class_is_the_readers_own():
 
     with pytest.raises(MaskError):
         check_schema("connito.mask/9", "m.json", "connito.mask/1", what="mask file", fix=FIX, error=MaskError)
+
+
+def test_a_json_record_keeps_the_files_key_order_layout_and_optional_keys(tmp_path):
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from connito.common.records import JsonRecord
+
+    @dataclass(frozen=True, kw_only=True)
+    class Probe(JsonRecord):
+        SCHEMA: ClassVar[str] = "connito.probe/1"
+        SCHEMA_KEY: ClassVar[str] = "format"
+        INDENT: ClassVar[int | None] = 1
+        END: ClassVar[str] = ""
+        WHAT: ClassVar[str] = "probe record"
+        FIX: ClassVar[str] = FIX
+        OMIT_IF_NONE: ClassVar[frozenset[str]] = frozenset({"extra"})
+
+        z: int
+        a: list[int]
+        extra: str | None = None
+
+    path = Probe(z=1, a=[2]).save(tmp_path / "sub" / "p.json")  # the directory is made
+    assert path.read_text() == json.dumps({"format": "connito.probe/1", "z": 1, "a": [2]}, indent=1)
+    assert Probe.load(path) == Probe(z=1, a=[2]) and Probe(z=1, a=[2], extra="x").to_dict()["extra"] == "x"
+    path.write_text(json.dumps({"format": "connito.probe/1", "a": [2]}))
+    with pytest.raises(RecordError) as caught:
+        Probe.load(path)
+    assert str(caught.value) == f"{path} lacks ['z']: {FIX}"
