@@ -3,7 +3,9 @@
 Bad input (a missing path, a bad value, a file that cannot be read or written; :mod:`connito.cli.errors` says
 exactly what counts) is reported as one line, ``connito <command>: <what is wrong and the fix>``, without a Python
 traceback, and the command exits with status 2. ``--traceback`` anywhere on the command line (or the environment
-variable ``CONNITO_TRACEBACK=1``) prints the traceback as well. Any other error is a bug: its traceback is printed
+variable ``CONNITO_TRACEBACK=1``) prints the traceback as well. A pipeline whose job failed (``connito quickstart``,
+``btx``, ``flexolmo``, ``groups``, ``federated``) prints which job, its reason and log and how to run only the
+unfinished jobs, without a traceback, and exits with status 1. Any other error is a bug: its traceback is printed
 and the command exits with status 1.
 """
 
@@ -19,7 +21,8 @@ from connito.cli.overrides import unknown_key_message
 
 USAGE_FOOTER = """Every command is a Hydra app: pass overrides as key=value, `--cfg job` prints the composed config,
 `-m` runs a sweep (e.g. `connito train -m optim.lr=1e-3,3e-3`), `--help` lists the config groups.
-Bad input is reported in one line (exit status 2); `--traceback` (or CONNITO_TRACEBACK=1) adds the Python traceback.
+Bad input is reported in one line (exit status 2), a pipeline's failed job with its log (exit status 1);
+`--traceback` (or CONNITO_TRACEBACK=1) adds the Python traceback.
 """
 
 
