@@ -183,6 +183,9 @@ def test_slurm_stages_are_arrays_chained_by_afterok(fake, monkeypatch):
     sbatch = bin_dir / "sbatch"
     sbatch.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nwc -l < {calls} | tr -d " " | sed "s/^/10/"\n')
     sbatch.chmod(sbatch.stat().st_mode | stat.S_IEXEC)
+    squeue = bin_dir / "squeue"  # every job queued (a real squeue whose controller is down waits for it: ~50 s)
+    squeue.write_text("#!/bin/sh\necho PENDING\n")
+    squeue.chmod(squeue.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     plan = two_stage(root)
     run_pipeline(root, plan, LauncherConfig(kind="slurm", wait=False), run_name="demo")
