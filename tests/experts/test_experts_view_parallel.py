@@ -19,7 +19,8 @@ from tests.helpers import REPO
 
 pytestmark = pytest.mark.distributed
 
-DEFAULT_RUN = {("qwen3_moe", "ep1"), ("qwen3_moe", "ep2"), ("qwen3_moe", "ep2xdp2"), ("deepseek_v3", "ep2")}
+# the default run: one family at every layout but the 4-rank one (~25 s; it and the other families run in the slow set)
+DEFAULT_RUN = {("qwen3_moe", "ep1"), ("qwen3_moe", "ep2")}
 SHARED_EXPERTS = {"qwen2_moe", "deepseek_v2", "deepseek_v3"}
 SHARED_EXPERT_GATE = {"qwen2_moe"}
 CHOICE_BIAS = {"deepseek_v3"}

@@ -55,6 +55,7 @@ def test_olmoe_hf_export_of_an_ep2_run_reloads_with_the_trained_logits(runs):
     torch.testing.assert_close(logits, saved["logits"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # ~30 s, two more runs; the default run keeps OLMoE's ep 2 losses, aux losses and export
 def test_olmoe_every_gradient_with_the_aux_loss_matches_ep1(runs):
     """At identical parameters (lr 0) the gradient of lm + coef * aux, router included: Connito's aux loss at
     ep 2 back-propagates exactly as transformers' at ep 1."""

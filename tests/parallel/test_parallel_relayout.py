@@ -106,6 +106,7 @@ def test_ep2_checkpoint_resumes_at_ep1_on_2_ranks_with_identical_parameters_and_
     assert new["layout"]["ep_size"] == 1
 
 
+@pytest.mark.slow  # ~12 s; the default run keeps the 2-rank resume, which checks the next losses too
 def test_ep2_checkpoint_resumes_at_ep1_on_1_rank_with_identical_parameters(ep2_run, tmp_path, data_cache):
     _, dump = resume(ep2_run, tmp_path, data_cache, 1, ["parallel.ep_size=1", "train.micro_batch_size=8"])
     assert_identical(torch.load(ep2_run / "dump" / "saved_step2.pt"), torch.load(dump / "loaded.pt"))
@@ -141,6 +142,7 @@ def test_zero0_ep2_checkpoint_resumes_at_ep1_on_2_ranks_with_identical_parameter
     assert new["layout"]["ep_size"] == 1 and new["optimizer_params"]
 
 
+@pytest.mark.slow  # ~13 s; the default run keeps the 2-rank resume, which checks the AdamW state too
 def test_zero0_ep2_checkpoint_resumes_at_ep1_on_1_rank(ep2_zero0_run, tmp_path, data_cache):
     overrides = ["parallel.ep_size=1", "engine=zero0", "train.micro_batch_size=8"]
     run_dir, dump = resume(ep2_zero0_run, tmp_path, data_cache, 1, overrides)
