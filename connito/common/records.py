@@ -85,9 +85,9 @@ class JsonRecord:
     A subclass sets :attr:`SCHEMA`, :attr:`WHAT` (what the error calls it), :attr:`FIX` (how to get a right one),
     :attr:`INDENT` and :attr:`END` (the file's layout, kept byte for byte), :attr:`SCHEMA_KEY` (the key holding
     the schema, first in the file; ``format`` in the export sidecars); fields named in :attr:`OMIT_IF_NONE`
-    are left out of the file while None (keys only some records of the kind carry). ``path`` (where it was read
-    from) is not a key. :meth:`load` checks the schema and version (:func:`read_json_record`) and that every
-    required key is there; :meth:`save` writes atomically."""
+    are left out of the file while None (keys only some records of the kind carry). :meth:`load` checks the
+    schema and version (:func:`read_json_record`) and that every required key is there; :meth:`save` writes
+    atomically."""
 
     SCHEMA: ClassVar[str]
     WHAT: ClassVar[str]
@@ -99,7 +99,7 @@ class JsonRecord:
 
     @classmethod
     def _keys(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name != "path"]
+        return [f.name for f in fields(cls)]
 
     def to_dict(self) -> dict:
         """The file's JSON object: ``schema``, then the fields in order."""
@@ -116,15 +116,12 @@ class JsonRecord:
 
     @classmethod
     def from_dict(cls, record: Mapping, path: str | Path | None = None) -> Self:
-        """The record of a parsed JSON object (its schema already checked)."""
-        required = [f.name for f in fields(cls) if f.name != "path" and f.default is MISSING]
+        """The record of a parsed JSON object (its schema already checked); ``path`` names it in an error."""
+        required = [f.name for f in fields(cls) if f.default is MISSING]
         missing = [key for key in required if key not in record]
         if missing:
             raise RecordError(f"{path or f'the {cls.WHAT}'} lacks {missing}: {cls.FIX}")
-        values = {key: record[key] for key in cls._keys() if key in record}
-        if "path" in {f.name for f in fields(cls)}:
-            values["path"] = None if path is None else Path(path)
-        return cls(**values)
+        return cls(**{key: record[key] for key in cls._keys() if key in record})
 
     @classmethod
     def load(cls, path: str | Path) -> Self:
