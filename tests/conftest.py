@@ -1,10 +1,27 @@
 """Session fixtures shared by every test folder."""
 
+import logging
 from pathlib import Path
 
 import pytest
 
 from tests.infra import pytest_configure  # noqa: F401  (under CI=true, a run that skipped every test fails)
+
+
+@pytest.fixture(autouse=True)
+def root_logging_restored():
+    """A command run in-process (``connito.cli.main.main``) lets Hydra configure logging: its ``job_logging``
+    puts on the root logger a StreamHandler bound to the sys.stdout of that moment, the test's capture stream,
+    which pytest closes after the test. Left there, every later log record fails to write ("--- Logging error ---"
+    and a traceback on stderr) and breaks the tests that read stderr. Remove the handlers the test added (pytest's
+    own capture handlers excepted, which pytest removes itself) and put back the root level."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers and not type(handler).__module__.startswith("_pytest"):
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
